@@ -1,0 +1,3 @@
+from celluscan.cli import main
+
+raise SystemExit(main())
