@@ -107,14 +107,15 @@ class Taxonomy:
 
 
 def normalise_name(raw: str) -> str:
-    """'Band Neutrophils' -> 'band_neutrophil'; 'seg-neutrophil' -> 'seg_neutrophil'."""
+    """'Band Neutrophils' -> 'band_neutrophil'; 'seg-neutrophil' -> 'seg_neutrophil';
+    'Eosinophiles' -> 'eosinophil'."""
     s = re.sub(r"[^0-9a-z]+", "_", raw.strip().lower()).strip("_")
     tokens = []
     for tok in s.split("_"):
-        if len(tok) > 3 and tok.endswith("es") and tok[:-2].endswith(("phil", "cyt")):
-            tok = tok[:-1]  # 'eosinophiles' -> 'eosinophile' handled below
         if len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss"):
-            tok = tok[:-1]
+            tok = tok[:-1]  # plural: 'lymphocytes' -> 'lymphocyte'
+        if len(tok) > 5 and tok.endswith("phile"):
+            tok = tok[:-1]  # 'eosinophile(s)', 'neutrophile' -> 'eosinophil', 'neutrophil'
         tokens.append(tok)
     return "_".join(t for t in tokens if t)
 

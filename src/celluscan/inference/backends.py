@@ -1,0 +1,171 @@
+"""Execution paths: how a normalised batch (B, 3, S, S) becomes logits and [CLS] features.
+
+Paths (``ExecutionPath.name``):
+
+* ``fp32-eager``   PyTorch fp32, explicit attention (softmax(QK^T)V written out): the reference.
+* ``fp32-fused``   PyTorch fp32, fused ``scaled_dot_product_attention``.
+* ``bf16-explicit`` / ``bf16-fused``  PyTorch bfloat16 (weights held in bf16; LayerNorm and
+  softmax accumulate in fp32 inside the CPU kernels), explicit or fused attention.
+* ``onnx-fp32`` / ``onnx-int8``  ONNX Runtime on an exported graph (see ``export.py``).
+
+Every runner returns ``(logits, features)`` as fp32 tensors; ``features`` is the [CLS]
+feature (B, D) used for the unfamiliar-image score (None when the graph has no such output).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ExecutionPath",
+    "TORCH_PATHS",
+    "PATHS",
+    "TorchRunner",
+    "OnnxRunner",
+    "cpu_count",
+    "cpu_supports_bf16",
+    "configure_threads",
+]
+
+
+@dataclass(frozen=True)
+class ExecutionPath:
+    backend: str  # "torch" | "onnx"
+    precision: str  # "fp32" | "bf16" | "int8"
+    fused_attn: bool = False  # torch only
+
+    @property
+    def name(self) -> str:
+        if self.backend == "onnx":
+            return f"onnx-{self.precision}"
+        if self.precision == "fp32":
+            return "fp32-fused" if self.fused_attn else "fp32-eager"
+        return f"{self.precision}-{'fused' if self.fused_attn else 'explicit'}"
+
+    @classmethod
+    def parse(cls, name: str) -> "ExecutionPath":
+        for path in PATHS:
+            if path.name == name:
+                return path
+        raise ValueError(f"unknown execution path {name!r}; known: {', '.join(p.name for p in PATHS)}")
+
+
+TORCH_PATHS = (
+    ExecutionPath("torch", "fp32", False),
+    ExecutionPath("torch", "fp32", True),
+    ExecutionPath("torch", "bf16", False),
+    ExecutionPath("torch", "bf16", True),
+)
+PATHS = TORCH_PATHS + (ExecutionPath("onnx", "fp32"), ExecutionPath("onnx", "int8"))
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (respects affinity masks / container limits)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Use every available core for intra-op parallelism. Returns the thread count."""
+    n = threads or cpu_count()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX) and a tiny bf16
+    matmul gives the fp32 answer. Emulated bf16 is slower than fp32, so it does not count."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    if not native:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(16, 32, generator=g)
+        b = torch.randn(32, 8, generator=g)
+        got = (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
+        return bool(torch.isfinite(got).all() and torch.allclose(got, a @ b, atol=0.5, rtol=0.05))
+    except RuntimeError:
+        return False
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class TorchRunner:
+    """Runs a ``VisionTransformer`` (or the torchvision wrapper) on one execution path.
+
+    The model is put in eval mode; for bf16 a bf16 copy of the weights is made (the caller's
+    model is left in fp32) so per-call weight casts are avoided.
+    """
+
+    def __init__(self, model: nn.Module, path: ExecutionPath, device: str | torch.device = "cpu"):
+        if path.backend != "torch" or path.precision not in _DTYPES:
+            raise ValueError(f"{path.name} is not a PyTorch path")
+        self.path = path
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[path.precision]
+        if self.dtype == torch.float32:
+            self.model = model
+        else:
+            self.model = copy.deepcopy(model).to(dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.model.set_fused_attn(path.fused_attn)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(device=self.device, dtype=self.dtype)
+        features = self.model.forward_features(x)
+        logits = self.model.head(features)
+        return logits.float().cpu(), features.float().cpu()
+
+
+class OnnxRunner:
+    """ONNX Runtime session over an exported graph with inputs ``images`` and outputs
+    ``logits`` (+ ``features`` when exported with them)."""
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None,
+                 precision: str = "fp32"):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - optional dependency
+            raise RuntimeError(
+                "the ONNX backend needs onnxruntime: pip install 'celluscan[onnx]'"
+            ) from e
+        self.onnx_path = Path(onnx_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_count()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(self.onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ValueError(f"{self.onnx_path}: cannot load ONNX model: {e}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if "logits" not in self.output_names:
+            raise ValueError(f"{self.onnx_path}: ONNX graph has no 'logits' output "
+                             f"(outputs: {self.output_names})")
+        self.path = ExecutionPath("onnx", precision)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outputs = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
+        named = dict(zip(self.output_names, outputs))
+        features = named.get("features")
+        return (torch.from_numpy(named["logits"]).float(),
+                None if features is None else torch.from_numpy(features).float())

@@ -1,0 +1,403 @@
+"""The predictor: images in, calibrated and flagged predictions out, on the fastest safe path.
+
+>>> from celluscan.inference import Predictor
+>>> predictor = Predictor.from_model_dir("runs/x/model")          # backend/precision "auto"
+>>> for path, result in predictor.predict_paths(["a.jpg", "b.png"]):
+...     print(path, result)           # a Prediction, or an ImageLoadError naming the problem
+
+Images are decoded and preprocessed (pad to square, resize: ``data.transforms.preprocess``)
+on ``workers`` threads while the model runs on the previous batch, in input order.
+
+``backend="auto"`` uses PyTorch; ``precision="auto"`` picks bf16 when the CPU runs bf16
+natively and a probe batch gives fp32's top-1 (see :func:`choose_path`), else fp32. Which
+attention kernel is fastest per precision is in :data:`FASTEST_ATTENTION` (measured by
+``bench/inference.py``; see BENCHMARKS.md "Inference").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from celluscan.data.batch_augment import EvalPreprocess
+from celluscan.data.imageio import ImageLimits, ImageLoadError, load_image
+from celluscan.data.transforms import preprocess
+from celluscan.inference.backends import (
+    ExecutionPath,
+    OnnxRunner,
+    TorchRunner,
+    configure_threads,
+    cpu_supports_bf16,
+)
+from celluscan.inference.batching import batched_results, ordered_map
+from celluscan.inference.ood import OODScorer
+from celluscan.inference.uncertainty import UncertaintyPolicy, assess_uncertainty
+from celluscan.taxonomy import CLASSES, TAXONOMY
+
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "ModelSpec",
+    "ModelNotFoundError",
+    "DEFAULT_MODEL_DIR",
+    "FASTEST_ATTENTION",
+    "choose_path",
+    "resolve_model_source",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(str(resources.files("celluscan").joinpath("assets", "default_model")))
+ONNX_FILE = "model.onnx"
+TOP_K = 3
+
+# Fastest attention kernel per precision on CPU (True = fused SDPA). See BENCHMARKS.md.
+FASTEST_ATTENTION = {"fp32": True, "bf16": True}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No usable model at the given (or default) location; the message says what to pass."""
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``probs`` maps every class id to its temperature-scaled
+    probability, in canonical order; ``top_k`` is the 3 most likely (class, prob)."""
+
+    label: str
+    confidence: float
+    probs: dict[str, float]
+    group: str
+    group_name: str
+    top_k: list[tuple[str, float]]
+    uncertain: bool
+    uncertain_reason: str
+    group_answer: str
+    unfamiliar: bool
+    unfamiliar_score: float
+    unfamiliar_note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["top_k"] = [list(t) for t in self.top_k]
+        return d
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What inference needs to know about a model, whatever backend runs it."""
+
+    class_names: tuple[str, ...]
+    preprocessing: dict[str, Any]
+    ood: Mapping[str, Any] | None = None
+    model_dir: Path | None = None  # holds model.safetensors (PyTorch weights), if known
+    source: str = ""
+
+    @classmethod
+    def from_config(cls, document: Mapping[str, Any], class_names: Sequence[str],
+                    preprocessing: Mapping[str, Any], model_dir: Path | None, source: str) -> "ModelSpec":
+        metadata = document.get("metadata") if isinstance(document.get("metadata"), Mapping) else {}
+        ood = document.get("ood") or metadata.get("ood")
+        unknown = [c for c in class_names if c not in CLASSES]
+        if unknown:
+            raise ValueError(f"{source}: class names {unknown} are not CelluScan classes "
+                             f"(known: {', '.join(CLASSES)})")
+        return cls(tuple(class_names), dict(preprocessing), ood, model_dir, source)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: ModelSpec
+    onnx_path: Path | None  # an exported graph, when there is one
+
+
+def _missing_default_message() -> str:
+    return (f"no model given and the default model is not installed (looked in {DEFAULT_MODEL_DIR}). "
+            "Pass --model MODEL_DIR: a directory with config.json and model.safetensors, as "
+            "written by `celluscan train` (RUN/model), or a model.onnx from `celluscan export`.")
+
+
+def resolve_model_source(path: str | os.PathLike | None) -> ModelSource:
+    """Find the model a path names: a model directory (``config.json`` + weights, optionally
+    ``model.onnx``), or an ``.onnx`` file (metadata from a ``config.json`` beside it, else the
+    graph's own metadata). ``None`` means the shipped default model."""
+    from celluscan.models import ModelDirError, read_model_dir_info
+
+    if path is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise ModelNotFoundError(_missing_default_message())
+        path = DEFAULT_MODEL_DIR
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"{p}: model not found (no such file or directory)")
+    if p.is_file():
+        if p.suffix.lower() != ".onnx":
+            raise ModelNotFoundError(f"{p}: not a model: pass a model directory or an .onnx file")
+        if (p.parent / "config.json").is_file():
+            info = read_model_dir_info(p.parent)
+            model_dir = p.parent if (p.parent / "model.safetensors").is_file() else None
+            spec = ModelSpec.from_config(info.config, info.class_names, info.preprocessing,
+                                         model_dir, str(p))
+        else:
+            from celluscan.inference.export import read_onnx_metadata
+
+            meta = read_onnx_metadata(p)
+            spec = ModelSpec.from_config(meta, meta["class_names"], meta["preprocessing"], None, str(p))
+        return ModelSource(spec, p)
+    try:
+        info = read_model_dir_info(p)
+    except ModelDirError as e:
+        raise ModelNotFoundError(str(e)) from None
+    onnx = p / ONNX_FILE
+    spec = ModelSpec.from_config(info.config, info.class_names, info.preprocessing, p, str(p))
+    return ModelSource(spec, onnx if onnx.is_file() else None)
+
+
+def _probe_batch(size: int, n: int = 4) -> torch.Tensor:
+    """Deterministic smooth 'images' (normalised scale) for sanity-checking a fast path."""
+    g = torch.Generator().manual_seed(1234)
+    coarse = torch.randn(n, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    return x + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+
+def _top1_agrees(reference: torch.Tensor, candidate: torch.Tensor, tie: float = 0.1) -> bool:
+    """Top-1 agreement, forgiving near-ties: where fp32's top two logits are within ``tie``
+    either class is an acceptable answer."""
+    if not torch.isfinite(candidate).all():
+        return False
+    ref_top = reference.argmax(-1)
+    cand_top = candidate.argmax(-1)
+    rows = torch.arange(reference.shape[0])
+    gap = reference[rows, ref_top] - reference[rows, cand_top]
+    return bool(((ref_top == cand_top) | (gap < tie)).all())
+
+
+def choose_path(model: torch.nn.Module, image_size: int, precision: str = "auto",
+                attention: str = "auto") -> tuple[TorchRunner, str]:
+    """Build the runner for a PyTorch precision request; returns (runner, note).
+
+    ``precision="auto"``: bf16 when :func:`cpu_supports_bf16` and a probe batch agrees with
+    fp32 on top-1 (near-ties forgiven), else fp32. ``attention``: "auto" (the fastest kernel
+    for the precision, :data:`FASTEST_ATTENTION`), "fused" or "explicit"."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if attention not in ("auto", "fused", "explicit"):
+        raise ValueError(f"attention must be auto, fused or explicit, got {attention!r}")
+
+    def path_for(prec: str) -> ExecutionPath:
+        fused = FASTEST_ATTENTION[prec] if attention == "auto" else attention == "fused"
+        return ExecutionPath("torch", prec, fused)
+
+    if precision == "fp32":
+        return TorchRunner(model, path_for("fp32")), ""
+    if precision == "bf16":
+        note = "" if cpu_supports_bf16() else "bf16 requested but this CPU has no native bf16: slow"
+        if note:
+            log.warning(note)
+        return TorchRunner(model, path_for("bf16")), note
+    reference = TorchRunner(model, path_for("fp32"))
+    if not cpu_supports_bf16():
+        return reference, "fp32: this CPU has no native bf16"
+    fast = TorchRunner(model, path_for("bf16"))
+    probe = _probe_batch(image_size)
+    if _top1_agrees(reference(probe)[0], fast(probe)[0]):
+        return fast, ""
+    note = "bf16 disagreed with fp32 on a probe batch: using fp32"
+    log.warning(note)
+    return reference, note
+
+
+class Predictor:
+    """Classifies images with one model on one execution path (see the module docstring)."""
+
+    def __init__(self, runner, spec: ModelSpec, batch_size: int = 32, workers: int = 2,
+                 policy: UncertaintyPolicy = UncertaintyPolicy(), note: str = "",
+                 limits: ImageLimits = ImageLimits()):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.runner = runner
+        self.spec = spec
+        self.batch_size = int(batch_size)
+        self.workers = int(workers)
+        self.policy = policy
+        self.note = note
+        self.limits = limits
+        prep = spec.preprocessing
+        self.image_size = int(prep["image_size"])
+        self.pad_fill = prep.get("pad_fill", "edge")
+        self.temperature = float(prep.get("temperature", 1.0))
+        self.normalise = EvalPreprocess(self.image_size, prep["mean"], prep["std"])
+        self.ood = OODScorer.from_config(spec.ood, spec.model_dir)
+        self._explain_model: torch.nn.Module | None = None
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        path: str | os.PathLike | None = None,
+        backend: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+        workers: int = 2,
+        threshold: float = 0.6,
+        attention: str = "auto",
+        threads: int | None = None,
+    ) -> "Predictor":
+        """Load a model directory (or an .onnx file; ``None``: the shipped default model).
+
+        backend: "auto" (ONNX when ``path`` is an .onnx file, else PyTorch), "torch", "onnx"
+        (``model.onnx`` in the directory). precision: "auto", "fp32", "bf16" (PyTorch only).
+        threshold: top probability under which a prediction is flagged uncertain.
+        """
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
+        configure_threads(threads)
+        source = resolve_model_source(path)
+        spec = source.spec
+        policy = UncertaintyPolicy(threshold=threshold)
+        use_onnx = backend == "onnx" or (backend == "auto" and spec.model_dir is None)
+        if use_onnx:
+            if source.onnx_path is None:
+                raise ModelNotFoundError(
+                    f"{spec.source}: no {ONNX_FILE} here; create it with "
+                    f"`celluscan export --format onnx {spec.source} {Path(spec.source) / ONNX_FILE}`")
+            if precision == "bf16":
+                raise ValueError("bf16 is a PyTorch path; the ONNX backend runs the exported graph")
+            from celluscan.inference.export import read_onnx_metadata
+
+            quantized = bool(read_onnx_metadata(source.onnx_path, required=False).get("int8"))
+            runner = OnnxRunner(source.onnx_path, threads, "int8" if quantized else "fp32")
+            return cls(runner, spec, batch_size, workers, policy)
+        if spec.model_dir is None:
+            raise ModelNotFoundError(f"{spec.source}: the PyTorch backend needs model.safetensors "
+                                     "beside config.json; use --backend onnx for an .onnx file")
+        from celluscan.models import load_model_dir
+
+        model, _info = load_model_dir(spec.model_dir)
+        runner, note = choose_path(model, int(spec.preprocessing["image_size"]), precision, attention)
+        return cls(runner, spec, batch_size, workers, policy, note)
+
+    @property
+    def path_name(self) -> str:
+        """The execution path in use, e.g. ``bf16-fused`` or ``onnx-fp32``."""
+        return self.runner.path.name
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names
+
+    # ---- image preparation ------------------------------------------------------------------
+
+    def prepare(self, img: Image.Image) -> np.ndarray:
+        """PIL image -> padded, resized uint8 array (S, S, 3)."""
+        return np.asarray(preprocess(img.convert("RGB"), self.image_size, self.pad_fill), dtype=np.uint8)
+
+    def _load_and_prepare(self, path: str | os.PathLike) -> np.ndarray:
+        img = load_image(path, self.limits)
+        try:
+            return self.prepare(img)
+        except (ValueError, OSError, MemoryError) as e:
+            raise ImageLoadError(str(path), f"cannot preprocess image: {e}") from None
+
+    def to_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 arrays (S, S, 3) -> normalised float batch (B, 3, S, S)."""
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return self.normalise(batch)
+
+    # ---- prediction -------------------------------------------------------------------------
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised batch -> (logits, [CLS] features or None), fp32."""
+        return self.runner(x)
+
+    def predictions_from_logits(self, logits: torch.Tensor,
+                                features: torch.Tensor | None = None) -> list[Prediction]:
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
+        if self.ood.needs_features and features is None:
+            scores = torch.full((logits.shape[0],), float("nan"))
+            flags = [False] * logits.shape[0]
+            note = "this graph has no [CLS] features output: unfamiliar score unavailable"
+        else:
+            scores = self.ood.score(logits, features)
+            flags = self.ood.flags(scores)
+            note = self.ood.note
+        names = self.class_names
+        canonical = [c for c in CLASSES if c in names]
+        column = {c: i for i, c in enumerate(names)}
+        out = []
+        for row, score, flag in zip(probs.tolist(), scores.tolist(), flags):
+            order = sorted(range(len(row)), key=lambda i: -row[i])
+            label = names[order[0]]
+            verdict = assess_uncertainty(row, names, self.policy)
+            group = TAXONOMY.group_of(label)
+            out.append(Prediction(
+                label=label,
+                confidence=float(row[order[0]]),
+                probs={c: float(row[column[c]]) for c in canonical},
+                group=group,
+                group_name=TAXONOMY.groups[group].name,
+                top_k=[(names[i], float(row[i])) for i in order[:TOP_K]],
+                uncertain=verdict.uncertain,
+                uncertain_reason=verdict.reason,
+                group_answer=verdict.group_answer,
+                unfamiliar=bool(flag),
+                unfamiliar_score=float(score),
+                unfamiliar_note=note,
+            ))
+        return out
+
+    def predict_arrays(self, arrays: Sequence[np.ndarray]) -> list[Prediction]:
+        """Prepared uint8 arrays (see :meth:`prepare`) -> predictions, in batches."""
+        out: list[Prediction] = []
+        for start in range(0, len(arrays), self.batch_size):
+            logits, features = self.run(self.to_batch(arrays[start:start + self.batch_size]))
+            out.extend(self.predictions_from_logits(logits, features))
+        return out
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[Prediction]:
+        """Classify decoded PIL images (any mode; converted to RGB)."""
+        loaded = ordered_map(self.prepare, images, self.workers if len(images) > 1 else 0,
+                             window=self.batch_size * 2, errors=())
+        results = batched_results(loaded, self.batch_size, self.predict_arrays)
+        return [r for _, r in results]  # type: ignore[misc]
+
+    def predict_paths(self, paths: Iterable[str | os.PathLike]
+                      ) -> Iterator[tuple[str | os.PathLike, Prediction | ImageLoadError]]:
+        """Classify image files in input order, decoding ahead on worker threads. A file that
+        cannot be used yields its :class:`ImageLoadError` instead; the rest still run."""
+        loaded = ordered_map(self._load_and_prepare, paths, self.workers,
+                             window=self.batch_size * 3, errors=(ImageLoadError,))
+        return batched_results(loaded, self.batch_size, self.predict_arrays)  # type: ignore[return-value]
+
+    # ---- explanations -----------------------------------------------------------------------
+
+    def explanation_model(self) -> torch.nn.Module:
+        """The PyTorch model used for attention maps (loaded on demand for ONNX backends)."""
+        if isinstance(self.runner, TorchRunner):
+            return self.runner.model
+        if self._explain_model is None:
+            if self.spec.model_dir is None:
+                raise ModelNotFoundError(f"{self.spec.source}: explanations need the PyTorch weights "
+                                         "(a model directory with model.safetensors)")
+            from celluscan.models import load_model_dir
+
+            self._explain_model, _ = load_model_dir(self.spec.model_dir)
+        return self._explain_model
+
+    def explain(self, img: Image.Image) -> np.ndarray:
+        """Attention-rollout heatmap (H, W) in [0, 1] over the original image ``img``."""
+        from celluscan.inference.explain import explain_image
+
+        return explain_image(self.explanation_model(), img, self.spec.preprocessing)

@@ -1,0 +1,106 @@
+"""Training data as uint8 tensors in memory: the engine's only view of the dataset.
+
+:func:`load_train_data` reads a dataset folder written by ``celluscan ingest`` (manifest.csv
+with splits, stats.json), decodes every image once into a :class:`~celluscan.data.tensor_cache.
+TensorCache` (saved beside the dataset and reused), applies the training-subset fraction and
+returns a :class:`TrainData`. Tests build a :class:`TrainData` straight from small tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from celluscan.taxonomy import CLASSES
+
+__all__ = ["SplitTensors", "TrainData", "load_train_data"]
+
+
+@dataclass
+class SplitTensors:
+    """Images ``(N, 3, S, S)`` uint8 and labels ``(N,)`` int64 of one split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, S, S), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device) -> "SplitTensors":
+        return SplitTensors(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class TrainData:
+    """Train / validation (/ test) tensors plus what preprocessing needs to know."""
+
+    train: SplitTensors
+    val: SplitTensors
+    mean: Sequence[float]
+    std: Sequence[float]
+    test: SplitTensors | None = None
+    class_names: tuple[str, ...] = CLASSES
+    pad_fill: str = "edge"
+    info: dict = field(default_factory=dict)
+
+
+def _split(cache, mask: torch.Tensor) -> SplitTensors:
+    idx = mask.nonzero().flatten()
+    return SplitTensors(cache.images[idx], cache.labels[idx])
+
+
+def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 1.0, seed: int = 0,
+                    cache_dir: str | Path | None = None, workers: int = 2) -> TrainData:
+    """Decode (or load the cached) dataset at ``size`` px and split it."""
+    from celluscan.data.datasets import read_manifest
+    from celluscan.data.split import training_subset
+    from celluscan.data.stats import read_stats
+    from celluscan.data.tensor_cache import TensorCache
+
+    ddir = Path(dataset)
+    manifest = ddir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no manifest; point data.dataset at a folder written by "
+                                f"`celluscan ingest` (it holds manifest.csv and stats.json)")
+    rows = read_manifest(manifest)
+    unsplit = [r.path for r in rows if r.split not in ("train", "val", "test")]
+    if unsplit:
+        raise ValueError(f"{manifest}: {len(unsplit)} row(s) have no train/val/test split "
+                         f"(e.g. {unsplit[0]}); run `celluscan ingest` to split the dataset")
+    stats = read_stats(ddir)
+    fill = stats.get("pad_fill", "edge")
+    cache = TensorCache.build(rows, size, dataset_dir=ddir, ingest_size=int(stats["image_size"]),
+                              fill=fill if isinstance(fill, str) else "edge", workers=workers,
+                              cache_dir=Path(cache_dir) if cache_dir else ddir / "cache")
+    splits = cache.splits
+    is_train = torch.tensor([s == "train" for s in splits])
+    if subset_fraction < 1.0:
+        if any(not r.sha256 for r in rows):
+            raise ValueError(f"{manifest}: a training subset needs the sha256 column filled for every row")
+        chosen = {r.sha256 for r in training_subset(rows, subset_fraction, seed)}
+        in_subset = torch.tensor([k in chosen for k in cache.keys])
+        is_train &= in_subset
+    is_val = torch.tensor([s == "val" for s in splits])
+    is_test = torch.tensor([s == "test" for s in splits])
+    train, val = _split(cache, is_train), _split(cache, is_val)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{manifest}: need training and validation images, found "
+                         f"{len(train)} train and {len(val)} val (after the subset)")
+    test = _split(cache, is_test) if bool(is_test.any()) else None
+    return TrainData(
+        train=train, val=val, test=test, mean=list(stats["mean"]), std=list(stats["std"]),
+        pad_fill=fill if isinstance(fill, str) else "edge",
+        info={"dataset": str(ddir), "cache_size": size, "subset_fraction": subset_fraction,
+              "train_images": len(train), "val_images": len(val),
+              "test_images": 0 if test is None else len(test)},
+    )
