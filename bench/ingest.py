@@ -8,6 +8,8 @@ Usage (from the repo root)::
 Ratios are against baselines measured in the same run: ingest with 1 worker, and the exact
 blocked all-pairs search (vectorised XOR + popcount) on the same 100k hashes. Times are
 medians of ``--repeats`` runs (the slow baseline runs ``--baseline-repeats`` times).
+CPU-ms per image (all processes) is also reported: unlike images/s it does not depend on
+what else the machine is running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from celluscan.data.dedup import brute_force_pairs, find_near_duplicate_pairs
+from celluscan.data.dedup import DEFAULT_NEAR_DUP_THRESHOLD, brute_force_pairs, find_near_duplicate_pairs
 from celluscan.data.imageio import IMAGE_SUFFIXES
 from celluscan.data.ingest import IngestConfig, ingest
 
@@ -56,13 +59,20 @@ def subset_tree(sources: list[Path], limit: int, dest: Path) -> list[Path]:
     return sorted({dest / p.parent.parent.name for p in files})
 
 
-def bench_ingest(sources: list[Path], workers: int, image_size: int) -> tuple[float, int]:
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children (the workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def bench_ingest(sources: list[Path], workers: int, image_size: int) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (all processes) and the number of files for one ingest."""
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         config = IngestConfig(tuple(map(str, sources)), out=tmp, image_size=image_size, workers=workers)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         result = ingest(config, log=lambda _m: None)
-        elapsed = time.perf_counter() - t0
-    return elapsed, result.files_processed
+        elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return elapsed, cpu, result.files_processed
 
 
 def synthetic_hashes(n: int, planted: int, seed: int = 0) -> np.ndarray:
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker processes to compare with 1")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--hashes", type=int, default=100_000)
-    ap.add_argument("--threshold", type=int, default=4)
+    ap.add_argument("--threshold", type=int, default=DEFAULT_NEAR_DUP_THRESHOLD)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline-repeats", type=int, default=1)
     ap.add_argument("--skip-ingest", action="store_true")
@@ -111,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             sources = subset_tree(args.sources, args.limit, Path(tmp)) if args.limit else args.sources
             runs = {}
             for w in sorted({1, args.workers}):
-                secs, n = bench_ingest(sources, w, args.image_size)
-                runs[w] = {"seconds": secs, "images": n, "images_per_s": n / secs}
-                print(f"ingest, {w} worker(s): {n} images in {secs:.1f} s = {n / secs:.1f} images/s")
+                secs, cpu, n = bench_ingest(sources, w, args.image_size)
+                runs[w] = {"seconds": secs, "cpu_seconds": cpu, "images": n, "images_per_s": n / secs,
+                           "cpu_ms_per_image": 1000 * cpu / n, "load_avg_1min": os.getloadavg()[0]}
+                print(f"ingest, {w} worker(s): {n} images in {secs:.1f} s = {n / secs:.1f} images/s "
+                      f"({1000 * cpu / n:.1f} CPU-ms per image; load average {os.getloadavg()[0]:.1f})")
         results["ingest"] = runs
         if args.workers != 1:
             ratio = runs[args.workers]["images_per_s"] / runs[1]["images_per_s"]

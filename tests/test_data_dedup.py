@@ -48,7 +48,7 @@ def planted_hashes(n_random: int, n_planted: int, max_flips: int, seed: int) -> 
     return hashes[rng.permutation(hashes.size)]
 
 
-@pytest.mark.parametrize("threshold", [0, 2, 4, 7])
+@pytest.mark.parametrize("threshold", [0, 2, 4, 6, 7, 10])
 def test_finds_exactly_the_brute_force_pairs(threshold):
     hashes = planted_hashes(1500, 300, max_flips=threshold + 3, seed=threshold)
     expected = reference_pairs(hashes, threshold)
@@ -58,6 +58,15 @@ def test_finds_exactly_the_brute_force_pairs(threshold):
     assert {tuple(map(int, p)) for p in got} == expected
     assert np.all(got[:, 0] < got[:, 1])
     assert got.tolist() == sorted(got.tolist())
+
+
+@pytest.mark.parametrize("threshold, n_bands", [(6, 4), (6, 2), (5, 3), (2, 1), (8, 3)])
+def test_band_radius_search_is_exact(threshold, n_bands):
+    # fewer bands than threshold + 1: each band is probed with a Hamming ball (radius > 0)
+    hashes = planted_hashes(600, 150, max_flips=threshold + 2, seed=threshold * 10 + n_bands)
+    expected = reference_pairs(hashes, threshold)
+    got = find_near_duplicate_pairs(hashes, threshold, n_bands=n_bands)
+    assert {tuple(map(int, p)) for p in got} == expected
 
 
 def test_blocked_fallback_gives_the_same_pairs():

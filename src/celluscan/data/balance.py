@@ -48,7 +48,7 @@ def balanced_indices(
     """
     if target_per_class < 0:
         raise ValueError(f"target_per_class must be >= 0, got {target_per_class}")
-    labels_arr = np.asarray(list(labels), dtype=object)
+    labels_arr = np.asarray(list(labels))
     n = labels_arr.size
     gen = np.random.default_rng(rng)
     parts = [np.arange(n, dtype=np.int64)]

@@ -30,8 +30,8 @@ import os
 import re
 import sys
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,7 +48,7 @@ from celluscan.data.dedup import (
     sha256_file,
 )
 from celluscan.data.imageio import DEFAULT_LIMITS, ImageLimits, ImageLoadError, load_image
-from celluscan.data.manifest import SPLITS, ManifestRow, write_manifest
+from celluscan.data.manifest import ManifestRow, write_manifest
 from celluscan.data.progress import progress
 from celluscan.data.report import build_report, write_report
 from celluscan.data.scan import Candidate, scan_sources
@@ -150,7 +150,10 @@ def _cached_image(params: _WorkerParams, img: Image.Image, cache_file: Path) -> 
     buf = io.BytesIO()
     preprocess(img, size, params.fill).save(buf, "JPEG", quality=CACHE_QUALITY, subsampling=0)
     data = buf.getvalue()
-    atomic_write_bytes(cache_file, data)
+    try:
+        atomic_write_bytes(cache_file, data)
+    except OSError as e:  # an output problem (disk full, permissions) stops the run
+        raise IngestError(f"{cache_file}: cannot write preprocessed image: {e.strerror or e}") from None
     # Statistics come from the stored pixels, so a re-run that reuses the file agrees.
     return Image.open(io.BytesIO(data)).convert("RGB")
 
@@ -166,13 +169,13 @@ def _process(task: tuple[int, str, str]) -> _Processed:
         ph = perceptual_hash(img)
         rel = f"{CACHE_DIR}/{label}/{sha[:16]}.jpg"
         stored = _cached_image(params, img, Path(params.out_dir) / rel)
-        return _Processed(
-            index, None, sha, ph, img.width, img.height, rel, pixel_sums(stored)
-        )
+        return _Processed(index, None, sha, ph, img.width, img.height, rel, pixel_sums(stored))
+    except IngestError:
+        raise
     except ImageLoadError as e:
         return _Processed(index, e.reason)
     except OSError as e:
-        return _Processed(index, f"cannot read or write: {e.strerror or e}")
+        return _Processed(index, f"cannot read file: {e.strerror or e}")
     except Exception as e:  # a bad file must never stop the batch
         return _Processed(index, f"unexpected error: {type(e).__name__}: {e}")
 

@@ -187,7 +187,7 @@ def render_markdown(report: dict) -> str:
     lines += _bullets(
         [
             f"group {g['group']} ({g['size']} images, {g['split']}"
-            + (", MIXED LABELS" if g["mixed_labels"] else "")
+            + (", mixed labels: look-alike cells or a label conflict, check" if g["mixed_labels"] else "")
             + f"): {', '.join(g['labels'])}: "
             + ", ".join(f"`{Path(f).name}`" for f in g["files"])
             for g in report["near_duplicate_groups"]

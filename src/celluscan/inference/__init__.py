@@ -6,7 +6,7 @@ rollout explanations, ONNX export and the ``predict`` / ``export`` commands.
 >>> predictor.predict_images([img])[0].label                     # doctest: +SKIP
 """
 
-from celluscan.inference.explain import attention_rollout, explain_image, overlay_heatmap
+from celluscan.inference.explain import attention_rollout, overlay_heatmap, rollout_heatmap
 from celluscan.inference.ood import OODScorer, energy_score, mahalanobis_score
 from celluscan.inference.predictor import (
     DEFAULT_MODEL_DIR,
@@ -27,6 +27,6 @@ __all__ = [
     "energy_score",
     "OODScorer",
     "attention_rollout",
-    "explain_image",
+    "rollout_heatmap",
     "overlay_heatmap",
 ]

@@ -135,10 +135,11 @@ class TorchRunner:
 
 class OnnxRunner:
     """ONNX Runtime session over an exported graph with inputs ``images`` and outputs
-    ``logits`` (+ ``features`` when exported with them)."""
+    ``logits`` (+ ``features`` when exported with them). ``precision`` (for reporting) is read
+    from the graph's ``int8`` metadata when not given."""
 
     def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - optional dependency
@@ -161,6 +162,9 @@ class OnnxRunner:
         if "logits" not in self.output_names:
             raise ValueError(f"{self.onnx_path}: ONNX graph has no 'logits' output "
                              f"(outputs: {self.output_names})")
+        if precision is None:  # export.py marks quantised graphs in the metadata
+            meta = self.session.get_modelmeta().custom_metadata_map
+            precision = "int8" if meta.get("int8") == "1" else "fp32"
         self.path = ExecutionPath("onnx", precision)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,17 +9,15 @@ The [CLS] row of ``R`` over the patch tokens says how much each patch fed the de
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from celluscan.data.batch_augment import EvalPreprocess
-from celluscan.data.transforms import preprocess
 
-__all__ = ["attention_rollout", "rollout_grid", "explain_image", "overlay_heatmap"]
+__all__ = ["attention_rollout", "rollout_grid", "rollout_heatmap", "overlay_heatmap"]
 
 
 def attention_rollout(attentions: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -60,22 +58,20 @@ def _normalise01(x: np.ndarray) -> np.ndarray:
     return ((x - lo) / (hi - lo)).astype(np.float32)
 
 
-def explain_image(model: torch.nn.Module, img: Image.Image, preprocessing: Mapping[str, Any]) -> np.ndarray:
-    """Attention-rollout heatmap (H, W) in [0, 1] for ``img`` at its own size.
+def rollout_heatmap(model: torch.nn.Module, x: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+    """Attention-rollout heatmap (H, W) in [0, 1] over the original image.
 
-    The image is preprocessed exactly as for prediction (padded to a centred square, resized),
-    the patch grid is upsampled to the padded square and the padding cropped away again.
+    ``x`` is the model input for one image (1, 3, S, S), preprocessed exactly as for prediction
+    (the (W, H) = ``image_size`` image padded to a centred square, then resized). The patch
+    grid is upsampled to the padded square and the padding cropped away again.
     """
-    size = int(preprocessing["image_size"])
-    rgb = img.convert("RGB")
-    arr = np.asarray(preprocess(rgb, size, preprocessing.get("pad_fill", "edge")), dtype=np.uint8)
-    normalise = EvalPreprocess(size, preprocessing["mean"], preprocessing["std"])
-    x = normalise(torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0))
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one preprocessed image (1, 3, S, S), got {tuple(x.shape)}")
     param = next(model.parameters())
     with torch.inference_mode():
         maps = model.attention_maps(x.to(device=param.device, dtype=param.dtype))
     grid = rollout_grid(attention_rollout(maps))  # (1, gh, gw)
-    w, h = rgb.size
+    w, h = image_size
     side = max(w, h)
     square = F.interpolate(grid.unsqueeze(1).float(), size=(side, side), mode="bilinear",
                            align_corners=False)[0, 0]

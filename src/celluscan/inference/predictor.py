@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -117,6 +117,7 @@ class ModelSpec:
 class ModelSource:
     spec: ModelSpec
     onnx_path: Path | None  # an exported graph, when there is one
+    named_onnx: bool = False  # the caller pointed at the .onnx file itself
 
 
 def _missing_default_message() -> str:
@@ -151,7 +152,7 @@ def resolve_model_source(path: str | os.PathLike | None) -> ModelSource:
 
             meta = read_onnx_metadata(p)
             spec = ModelSpec.from_config(meta, meta["class_names"], meta["preprocessing"], None, str(p))
-        return ModelSource(spec, p)
+        return ModelSource(spec, p, named_onnx=True)
     try:
         info = read_model_dir_info(p)
     except ModelDirError as e:
@@ -267,7 +268,7 @@ class Predictor:
         source = resolve_model_source(path)
         spec = source.spec
         policy = UncertaintyPolicy(threshold=threshold)
-        use_onnx = backend == "onnx" or (backend == "auto" and spec.model_dir is None)
+        use_onnx = backend == "onnx" or (backend == "auto" and source.named_onnx)
         if use_onnx:
             if source.onnx_path is None:
                 raise ModelNotFoundError(
@@ -275,10 +276,7 @@ class Predictor:
                     f"`celluscan export --format onnx {spec.source} {Path(spec.source) / ONNX_FILE}`")
             if precision == "bf16":
                 raise ValueError("bf16 is a PyTorch path; the ONNX backend runs the exported graph")
-            from celluscan.inference.export import read_onnx_metadata
-
-            quantized = bool(read_onnx_metadata(source.onnx_path, required=False).get("int8"))
-            runner = OnnxRunner(source.onnx_path, threads, "int8" if quantized else "fp32")
+            runner = OnnxRunner(source.onnx_path, threads)
             return cls(runner, spec, batch_size, workers, policy)
         if spec.model_dir is None:
             raise ModelNotFoundError(f"{spec.source}: the PyTorch backend needs model.safetensors "
@@ -304,7 +302,8 @@ class Predictor:
         """PIL image -> padded, resized uint8 array (S, S, 3)."""
         return np.asarray(preprocess(img.convert("RGB"), self.image_size, self.pad_fill), dtype=np.uint8)
 
-    def _load_and_prepare(self, path: str | os.PathLike) -> np.ndarray:
+    def load_and_prepare(self, path: str | os.PathLike) -> np.ndarray:
+        """Read an image file safely and :meth:`prepare` it; raises only ``ImageLoadError``."""
         img = load_image(path, self.limits)
         try:
             return self.prepare(img)
@@ -377,7 +376,7 @@ class Predictor:
                       ) -> Iterator[tuple[str | os.PathLike, Prediction | ImageLoadError]]:
         """Classify image files in input order, decoding ahead on worker threads. A file that
         cannot be used yields its :class:`ImageLoadError` instead; the rest still run."""
-        loaded = ordered_map(self._load_and_prepare, paths, self.workers,
+        loaded = ordered_map(self.load_and_prepare, paths, self.workers,
                              window=self.batch_size * 3, errors=(ImageLoadError,))
         return batched_results(loaded, self.batch_size, self.predict_arrays)  # type: ignore[return-value]
 
@@ -398,6 +397,7 @@ class Predictor:
 
     def explain(self, img: Image.Image) -> np.ndarray:
         """Attention-rollout heatmap (H, W) in [0, 1] over the original image ``img``."""
-        from celluscan.inference.explain import explain_image
+        from celluscan.inference.explain import rollout_heatmap
 
-        return explain_image(self.explanation_model(), img, self.spec.preprocessing)
+        rgb = img.convert("RGB")
+        return rollout_heatmap(self.explanation_model(), self.to_batch([self.prepare(rgb)]), rgb.size)

@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -259,6 +259,3 @@ def render_docs_html(openapi: dict[str, Any]) -> str:
     ]
     return "".join(parts)
 
-
-def docs_response(openapi: dict[str, Any]) -> HTMLResponse:
-    return HTMLResponse(render_docs_html(openapi))

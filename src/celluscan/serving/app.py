@@ -7,7 +7,6 @@ self-contained docs page, and the Content-Security-Policy allows no third-party 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,15 @@ from celluscan import __version__
 from celluscan.serving.api import API_PREFIX, create_api_router, render_docs_html
 from celluscan.serving.knowledge import Knowledge, load_knowledge
 from celluscan.serving.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware, error_body
+from celluscan.serving.offline import disable_gradio_telemetry
 from celluscan.serving.service import ModelService
 
-__all__ = ["create_app", "disable_gradio_telemetry"]
+__all__ = ["create_app"]
 
 DESCRIPTION = (
     "Classify single blood-cell microscope images into 14 classes and count a smear. "
     "Research and education only; not a diagnosis."
 )
-
-
-def disable_gradio_telemetry() -> None:
-    """Call before importing gradio: no analytics, no version check, no remote fetches."""
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("GRADIO_SSR_MODE", "False")
 
 
 def create_app(service: ModelService, knowledge: Knowledge | None = None, *, with_ui: bool = True,
@@ -74,8 +65,10 @@ def create_app(service: ModelService, knowledge: Knowledge | None = None, *, wit
     if with_ui:
         _mount_ui(app, service, kb, samples_dir)
 
-    app.add_middleware(SecurityHeadersMiddleware, api_prefix=f"{API_PREFIX}/")
+    # add_middleware wraps the app: the last added runs first. Security headers go outermost so
+    # that even the body-limit middleware's own 413 answers carry them.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=service.limits.max_request_bytes)
+    app.add_middleware(SecurityHeadersMiddleware, api_prefix=f"{API_PREFIX}/")
     return app
 
 

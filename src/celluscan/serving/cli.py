@@ -60,7 +60,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celluscan.serving.app import disable_gradio_telemetry
+    from celluscan.serving.offline import disable_gradio_telemetry
 
     disable_gradio_telemetry()
     try:

@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -32,6 +33,7 @@ __all__ = [
     "FileResult",
     "ModelInfo",
     "ModelService",
+    "FairLock",
     "ServiceBusy",
     "ServiceTimeout",
     "prediction_to_json",
@@ -137,6 +139,47 @@ def _model_info(predictor: Any, path: str) -> ModelInfo:
                      metadata=dict(metadata))
 
 
+class FairLock:
+    """A lock granted in arrival order (``threading.Lock`` lets a waiter starve under load,
+    which shows up as a long latency tail when many requests queue for the model)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float = -1) -> bool:
+        with self._mutex:
+            if not self._held and not self._waiters:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._waiters.append(turn)
+        if turn.wait(None if timeout < 0 else timeout):
+            return True  # release() handed the lock straight to us
+        with self._mutex:
+            if turn.is_set():  # handed over just as we gave up: keep it
+                return True
+            self._waiters.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self._mutex:
+            if not self._held:
+                raise RuntimeError("release of an unheld FairLock")
+            if self._waiters:
+                self._waiters.popleft().set()  # ownership passes on; _held stays True
+            else:
+                self._held = False
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class ModelService:
     """Classify uploads with a predictor, safely, from many threads."""
 
@@ -146,7 +189,7 @@ class ModelService:
         self.limits = limits
         self.info = _model_info(predictor, model_path)
         self.app_version = __version__
-        self._model_lock = threading.Lock()
+        self._model_lock = FairLock()
         self._count_lock = threading.Lock()
         self._admitted = 0
 

@@ -19,8 +19,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
-import pandas as pd
+from celluscan.serving.offline import disable_gradio_telemetry
+
+disable_gradio_telemetry()  # before gradio is imported
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from celluscan.data.atomic import atomic_write_bytes, atomic_write_text
 from celluscan.data.imageio import IMAGE_SUFFIXES, ImageLoadError, load_image_bytes
@@ -279,7 +283,8 @@ class _Handlers:
                       if diff.total else ".")
                    + f"\n\n{self.kb.differential_note}\n\n*{self.kb.notice}*")
         diff_table = pd.DataFrame([
-            {"Group / class": (r["name"] if r["level"] == "group" else f"    {r['name']}"),
+            {"Group": r["name"] if r["level"] == "group" else "",
+             "Class": "all (group total)" if r["level"] == "group" else r["name"],
              "Count": r["count"], "%": r["percent"]}
             for r in differential_rows(diff)
         ])
@@ -346,11 +351,10 @@ def build_ui(service: ModelService, knowledge: Knowledge, samples_dir: Path | No
                 smear_btn = gr.Button("Count", variant="primary", elem_id="cs-count")
                 flags_html = gr.Markdown(elem_id="cs-flags")
                 summary_md = gr.Markdown(elem_id="cs-smear-summary")
-                with gr.Row():
-                    diff_df = gr.Dataframe(label="Differential count", interactive=False,
-                                           elem_id="cs-differential")
-                    chart = gr.Image(label="Differential", type="filepath", interactive=False,
-                                     elem_id="cs-chart")
+                chart = gr.Image(label="Differential", type="filepath", interactive=False,
+                                 elem_id="cs-chart", height=520)
+                diff_df = gr.Dataframe(label="Differential count", interactive=False,
+                                       elem_id="cs-differential")
                 preds_df = gr.Dataframe(label="Predictions", interactive=False, wrap=True,
                                         elem_id="cs-predictions")
                 csv_out = gr.File(label="Download CSV", file_count="multiple", interactive=False,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-__all__ = ["resolve_device", "cpu_supports_bf16", "autocast_dtype", "set_cpu_threads"]
+from celluscan.inference.backends import cpu_supports_bf16
+
+__all__ = ["resolve_device", "autocast_dtype", "set_cpu_threads"]
 
 
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
@@ -20,19 +21,6 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {spec!r} requested but CUDA is not available (use device: auto or cpu)")
     return device
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (oneDNN reports AVX512-BF16 / AMX)."""
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = torch.nn.functional.linear(torch.ones(2, 8), torch.ones(4, 8))
-        return out.dtype == torch.bfloat16
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

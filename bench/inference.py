@@ -1,0 +1,544 @@
+"""Benchmark inference: throughput of every execution path against torchvision's ViT-B/16.
+
+Usage (from the repo root; run it niced, it keeps both cores busy for ~10 minutes)::
+
+    nice .venv/bin/python bench/inference.py                    # throughput, batches 1/8/32
+    nice .venv/bin/python bench/inference.py --quick            # batches 1 and 8, fewer repeats
+    nice .venv/bin/python bench/inference.py --e2e              # + `celluscan predict` on 1,000 JPEGs
+    nice .venv/bin/python bench/inference.py --agreement ../shared/data/blood-cells --limit 700
+    nice .venv/bin/python bench/inference.py --profile          # top ops of the best path
+
+What is measured, all in one run:
+
+* the machine's matmul peak (``torch.matmul`` on large square matrices, fp32 and bf16);
+* the baseline: stock ``torchvision.models.vit_b_16`` (random init), eager fp32;
+* our ``vit_b_16`` on every path (fp32 eager, fp32 fused SDPA, bf16 explicit, bf16 fused,
+  bf16 under autocast for comparison, ONNX Runtime fp32), at batch 1, 8 and 32;
+* the shipped default model, when present: fp32 eager vs the path ``auto`` picks.
+
+Every (model, path, batch) runs in its own subprocess so no allocator or thread-pool state
+is shared; at each batch size the baseline runs first and again last (its figure is the mean)
+so a drift in background load does not favour one side. Throughput is the median over ``--repeats`` timed batches after warm-up; ratios
+are against the baseline at the same batch size, measured in the same run. Achieved GFLOP/s
+counts 2 FLOPs per multiply-add (``celluscan.models.summary.count_flops``).
+
+``--agreement DIR`` classifies images under DIR (a stratified sample of ``--limit`` per run)
+with every fast path and reports top-1 agreement with fp32 eager (target >= 99.5%).
+``--e2e`` times ``celluscan predict`` over a folder of 1,000 generated ~360 px JPEGs (random
+crops of the bundled samples) against the pure model time for the same count (target <= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "src" / "celluscan" / "assets" / "samples"
+OUR_PATHS = ("fp32-eager", "fp32-fused", "bf16-explicit", "bf16-fused",
+             "bf16-autocast-explicit", "bf16-autocast-fused", "onnx-fp32")
+FAST_PATHS = ("fp32-fused", "bf16-explicit", "bf16-fused", "onnx-fp32", "onnx-int8")
+TARGET_SPEEDUP, TARGET_PEAK, TARGET_E2E, TARGET_AGREEMENT = 3.5, 0.70, 1.5, 0.995
+
+
+# ================================================================================================
+# Worker side: one configuration per process
+# ================================================================================================
+
+
+def _time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker_matmul(spec: dict) -> dict:
+    import torch
+
+    from celluscan.inference.backends import configure_threads
+
+    configure_threads()
+    n = spec.get("n", 2048)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(dtype)
+        b = torch.randn(n, n, generator=g).to(dtype)
+        times = _time_calls(lambda: torch.matmul(a, b), warmup=2, repeats=spec.get("repeats", 7))
+        out[name] = 2 * n**3 / statistics.median(times) / 1e9
+        out[name + "_best"] = 2 * n**3 / min(times) / 1e9
+    return out
+
+
+class _AutocastRunner:
+    """bf16 via CPU autocast over fp32 weights (weights recast on every call), for comparison
+    with the predictor's bf16 path, which holds a bf16 copy of the weights."""
+
+    def __init__(self, model, fused: bool):
+        self.model = model.eval().set_fused_attn(fused)
+
+    def __call__(self, x):
+        import torch
+
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            features = self.model.forward_features(x)
+            return self.model.head(features).float(), features.float()
+
+
+def _build_runner(spec: dict):
+    """(runner callable on a normalised batch, image size, FLOPs per image, path name)."""
+    import torch
+
+    from celluscan.inference.backends import ExecutionPath, OnnxRunner, TorchRunner
+    from celluscan.models import create_model, get_config, load_model_dir
+    from celluscan.models.summary import count_flops
+
+    if spec["model"] == "torchvision":
+        import torchvision
+
+        model = torchvision.models.vit_b_16(weights=None, num_classes=14).eval()
+
+        def run(x):
+            with torch.inference_mode():
+                return model(x)
+
+        return run, 224, count_flops(get_config("vit_b_16")), "fp32-eager"
+    path = spec["path"]
+    if path == "auto":
+        from celluscan.inference.predictor import Predictor
+
+        predictor = Predictor.from_model_dir(spec["model_dir"], workers=0)
+        model_config = load_model_dir(spec["model_dir"])[1].model_config
+        return predictor.run, predictor.image_size, count_flops(model_config), predictor.path_name
+    if path.startswith("onnx"):
+        runner = OnnxRunner(spec["onnx"], precision=path.split("-")[1])
+        from celluscan.models import read_model_dir_info
+
+        info = read_model_dir_info(spec["model_dir"])
+        return runner, info.preprocessing["image_size"], count_flops(info.model_config), path
+    if spec.get("model_dir"):
+        model, info = load_model_dir(spec["model_dir"])
+        size = info.preprocessing["image_size"]
+    else:
+        model, size = create_model("vit_b_16").eval(), 224
+    flops = count_flops(model.config)
+    if path.startswith("bf16-autocast-"):
+        return _AutocastRunner(model, path.endswith("fused")), size, flops, path
+    return TorchRunner(model, ExecutionPath.parse(path)), size, flops, path
+
+
+def worker_throughput(spec: dict) -> dict:
+    import torch
+
+    from celluscan.inference.backends import configure_threads
+
+    configure_threads()
+    runner, size, flops, path_name = _build_runner(spec)
+    batch = spec["batch"]
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times = _time_calls(lambda: runner(x), warmup=spec.get("warmup", 1), repeats=spec["repeats"])
+    median = statistics.median(times)
+    return {"img_s": batch / median, "img_s_best": batch / min(times), "batch_s_median": median,
+            "times": times, "gflop_per_img": flops / 1e9, "path_name": path_name,
+            "loadavg": os.getloadavg()[0]}
+
+
+def worker_profile(spec: dict) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from celluscan.inference.backends import configure_threads
+
+    configure_threads()
+    runner, size, _, path_name = _build_runner(spec)
+    x = torch.randn(spec["batch"], 3, size, size)
+    runner(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner(x)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return {"path_name": path_name, "table": table}
+
+
+WORKERS = {"matmul": worker_matmul, "throughput": worker_throughput, "profile": worker_profile}
+
+
+# ================================================================================================
+# Orchestrator
+# ================================================================================================
+
+
+def run_worker(kind: str, spec: dict, timeout: float = 900) -> dict:
+    """Run one configuration in a fresh interpreter; returns its JSON result (or an error)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    from celluscan.inference.backends import cpu_count, cpu_supports_bf16
+
+    return {"cpu": model, "cores": cpu_count(), "torch": torch.__version__,
+            "native_bf16": cpu_supports_bf16(), "python": platform.python_version()}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_models(tmp: Path) -> tuple[Path, Path]:
+    """A random-init vit_b_16 model directory (shared by every 'ours' config) + its ONNX export."""
+    import torch
+
+    from celluscan.inference.export import export_onnx
+    from celluscan.models import create_model, save_model_dir
+    from celluscan.taxonomy import CLASSES
+
+    torch.manual_seed(0)
+    model_dir = tmp / "vit_b_16"
+    save_model_dir(create_model("vit_b_16"), model_dir, CLASSES,
+                   {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, {"bench": True})
+    onnx_path = model_dir / "model.onnx"
+    log("exporting vit_b_16 to ONNX ...")
+    report = export_onnx(model_dir, onnx_path)
+    log(report.summary())
+    return model_dir, onnx_path
+
+
+def default_model_dir() -> Path | None:
+    from celluscan.inference.predictor import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+
+
+def repeats_for(batch: int, quick: bool, repeats: int | None) -> int:
+    if repeats:
+        return repeats
+    return (3 if batch >= 32 else 5) if not quick else 3
+
+
+def throughput_suite(args, model_dir: Path, onnx_path: Path) -> list[dict]:
+    batches = [1, 8] if args.quick else args.batch_sizes
+    baseline = {"model": "torchvision", "path": "fp32-eager"}
+    configs = [baseline]
+    configs += [{"model": "vit_b_16", "path": p, "model_dir": str(model_dir), "onnx": str(onnx_path)}
+                for p in OUR_PATHS]
+    default = default_model_dir()
+    if default is not None:
+        configs += [{"model": "default", "path": p, "model_dir": str(default)} for p in ("fp32-eager", "auto")]
+    results = []
+    for batch in batches:
+        # the baseline runs first and again last at each batch size, so a drift in background
+        # load affects it like the paths measured in between (its img/s: the mean of both)
+        for cfg in [*configs, baseline]:
+            if cfg["model"] == "default" and batch == 1:
+                continue
+            spec = {**cfg, "batch": batch, "repeats": repeats_for(batch, args.quick, args.repeats),
+                    "warmup": 2 if batch == 1 else 1}
+            res = run_worker("throughput", spec)
+            row = {**cfg, "batch": batch, **res}
+            results.append(row)
+            if "error" in res:
+                log(f"  {cfg['model']:<11} {cfg['path']:<24} b{batch:<3} ERROR {res['error']}")
+            else:
+                log(f"  {cfg['model']:<11} {res['path_name']:<24} b{batch:<3} {res['img_s']:7.2f} img/s "
+                    f"(best {res['img_s_best']:.2f}, load {res['loadavg']:.1f})")
+    return results
+
+
+def summarise(results: list[dict], peak: dict) -> tuple[str, dict]:
+    """Markdown table + the target checks."""
+    runs: dict[int, list[float]] = {}
+    for r in results:
+        if r["model"] == "torchvision" and "img_s" in r:
+            runs.setdefault(r["batch"], []).append(r["img_s"])
+    baseline = {b: statistics.mean(v) for b, v in runs.items()}
+    lines = ["| model | path | batch | img/s (median) | img/s (best) | x baseline | GFLOP/s | % fp32 peak | % bf16 peak |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "img_s" not in r:
+            lines.append(f"| {r['model']} | {r['path']} | {r['batch']} | error: {r['error']} | | | | | |")
+            continue
+        gflops = r["img_s"] * r["gflop_per_img"]
+        ratio = r["img_s"] / baseline[r["batch"]] if r["batch"] in baseline and r["model"] != "default" else float("nan")
+        lines.append(f"| {r['model']} | {r['path_name']} | {r['batch']} | {r['img_s']:.2f} | {r['img_s_best']:.2f} | "
+                     f"{ratio:.2f} | {gflops:.0f} | {100 * gflops / peak['fp32']:.0f}% | {100 * gflops / peak['bf16']:.0f}% |")
+    ours = [r for r in results if r["model"] == "vit_b_16" and "img_s" in r]
+    checks = {}
+    if ours and baseline:
+        best = max(ours, key=lambda r: r["img_s"] / baseline.get(r["batch"], math.inf))
+        checks["best_speedup"] = {"path": best["path_name"], "batch": best["batch"],
+                                  "ratio": best["img_s"] / baseline[best["batch"]],
+                                  "target": TARGET_SPEEDUP}
+        top = max(ours, key=lambda r: r["img_s"])
+        frac = top["img_s"] * top["gflop_per_img"] / peak["bf16"]
+        checks["best_peak_fraction"] = {"path": top["path_name"], "batch": top["batch"],
+                                        "fraction_of_bf16_peak": frac, "target": TARGET_PEAK}
+        for b in sorted(baseline):
+            at_b = [r for r in ours if r["batch"] == b]
+            if at_b:
+                fastest = max(at_b, key=lambda r: r["img_s"])
+                checks[f"speedup_batch_{b}"] = {"path": fastest["path_name"],
+                                                "ratio": fastest["img_s"] / baseline[b]}
+    return "\n".join(lines), checks
+
+
+def _label(row: dict) -> str:
+    return row["path_name"] if row["model"] == "vit_b_16" else f"{row['model']}\n{row['path_name']}"
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if "img_s" in r]
+    batches = sorted({r["batch"] for r in rows})
+    labels = []
+    for r in rows:
+        label = _label(r)
+        if label not in labels:
+            labels.append(label)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.5))
+    width = 0.8 / len(batches)
+    for i, b in enumerate(batches):
+        values = []
+        for label in labels:
+            match = [r["img_s"] for r in rows if r["batch"] == b and _label(r) == label]
+            values.append(statistics.mean(match) if match else 0)
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=f"batch {b}")
+    ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=8, rotation=30, ha="right")
+    ax.set_ylabel("images / s (median)")
+    ax.set_title("ViT-B/16 inference throughput on CPU (higher is better)")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def make_jpegs(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` ~360 px JPEGs: random crops / flips / turns of the bundled sample images."""
+    from PIL import Image
+
+    from celluscan.data.imageio import IMAGE_SUFFIXES, load_image
+
+    sources = sorted(p for p in SAMPLES.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not sources:
+        raise SystemExit(f"no sample images under {SAMPLES}")
+    images = [load_image(p) for p in sources]
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = images[i % len(images)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.8, 1.0)), int(h * rng.uniform(0.8, 1.0))
+        x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = img.crop((x0, y0, x0 + cw, y0 + ch))
+        side = rng.randint(340, 380)
+        crop = crop.resize((side, int(side * ch / cw)), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop = crop.rotate(90 * rng.randint(0, 3), expand=True)
+        crop.save(folder / f"cell_{i:04d}.jpg", quality=90)
+
+
+def e2e(args, model_dir: Path, n: int = 1000) -> dict:
+    from celluscan.inference.predictor import Predictor
+
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        folder = Path(tmp) / "jpegs"
+        log(f"e2e: generating {n} JPEGs ...")
+        make_jpegs(folder, n)
+        path_name = Predictor.from_model_dir(model_dir, workers=0).path_name
+        batch = 32
+        pure = run_worker("throughput", {"model": "e2e", "path": path_name, "model_dir": str(model_dir),
+                                         "batch": batch, "repeats": 5, "warmup": 1})
+        if "error" in pure:
+            return {"error": pure["error"]}
+        pure_s = pure["batch_s_median"] * n / batch
+        cmd = [sys.executable, "-m", "celluscan", "predict", str(folder), "--model", str(model_dir),
+               "--output", str(Path(tmp) / "preds.csv"), "--batch-size", str(batch), "--quiet"]
+        log(f"e2e: {' '.join(cmd[2:])}")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip()[-500:]}
+        rows = len((Path(tmp) / "preds.csv").read_text().splitlines()) - 1
+    return {"images": n, "rows": rows, "path": path_name, "predict_wall_s": wall, "pure_model_s": pure_s,
+            "ratio": wall / pure_s, "target": TARGET_E2E, "model_dir": str(model_dir)}
+
+
+# ---- agreement ----------------------------------------------------------------------------------
+
+
+def stratified_sample(data_dir: Path, limit: int, seed: int = 0) -> list[Path]:
+    from celluscan.inference.cli import collect_inputs
+
+    files = collect_inputs([data_dir])
+    if limit <= 0 or len(files) <= limit:
+        return files
+    by_folder: dict[Path, list[Path]] = {}
+    for f in files:
+        by_folder.setdefault(f.parent, []).append(f)
+    rng = random.Random(seed)
+    per = max(1, limit // len(by_folder))
+    picked = [p for group in by_folder.values() for p in rng.sample(group, min(per, len(group)))]
+    return sorted(picked)[:limit]
+
+
+def agreement(data_dir: Path, model_dir: Path, limit: int, batch: int = 32) -> dict:
+    """Top-1 agreement of every fast path with fp32 eager on the images under ``data_dir``."""
+    import torch
+
+    from celluscan.data.imageio import ImageLoadError
+    from celluscan.inference.backends import ExecutionPath, OnnxRunner, TorchRunner, configure_threads
+    from celluscan.inference.batching import ordered_map
+    from celluscan.inference.predictor import Predictor
+    from celluscan.models import load_model_dir
+
+    configure_threads()
+    files = stratified_sample(data_dir, limit)
+    predictor = Predictor.from_model_dir(model_dir, precision="fp32")
+    arrays = []
+    for _path, result in ordered_map(predictor.load_and_prepare, files, 2, 64, errors=(ImageLoadError,)):
+        if not isinstance(result, ImageLoadError):
+            arrays.append(result)
+    log(f"agreement: {len(arrays)} images from {data_dir} with {model_dir}")
+    model, _ = load_model_dir(model_dir)
+
+    def top1(runner) -> torch.Tensor:
+        out = []
+        for s in range(0, len(arrays), batch):
+            out.append(runner(predictor.to_batch(arrays[s:s + batch]))[0].argmax(-1))
+        return torch.cat(out)
+
+    start = time.perf_counter()
+    reference = top1(TorchRunner(model, ExecutionPath.parse("fp32-eager")))
+    report = {"images": len(arrays), "data_dir": str(data_dir), "model_dir": str(model_dir),
+              "reference": "fp32-eager", "reference_s": time.perf_counter() - start, "paths": {}}
+    onnx_fp32 = Path(model_dir) / "model.onnx"
+    with tempfile.TemporaryDirectory(prefix="bench_agree_") as tmp:
+        int8_path = None
+        if onnx_fp32.is_file():
+            from celluscan.inference.export import export_onnx
+
+            int8_path = Path(tmp) / "int8.onnx"
+            export_onnx(model_dir, int8_path, int8=True)
+        for name in FAST_PATHS:
+            if name.startswith("onnx"):
+                source = onnx_fp32 if name == "onnx-fp32" else int8_path
+                if source is None or not source.is_file():
+                    continue
+                runner = OnnxRunner(source, precision=name.split("-")[1])
+            else:
+                runner = TorchRunner(model, ExecutionPath.parse(name))
+            got = top1(runner)
+            report["paths"][name] = float((got == reference).float().mean())
+            log(f"  {name:<14} top-1 agreement {100 * report['paths'][name]:.2f}%")
+    report["target"] = TARGET_AGREEMENT
+    report["auto_path"] = Predictor.from_model_dir(model_dir, workers=0).path_name
+    return report
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 8 only, 3 repeats")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=None, help="timed batches per config (default 5, 3 at batch 32)")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the throughput suite")
+    ap.add_argument("--e2e", action="store_true", help="also time `celluscan predict` on 1,000 JPEGs")
+    ap.add_argument("--e2e-images", type=int, default=1000)
+    ap.add_argument("--agreement", type=Path, metavar="DATA_DIR", help="top-1 agreement of fast paths with fp32")
+    ap.add_argument("--limit", type=int, default=700, help="--agreement: images sampled (0 = all)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model directory for --e2e/--agreement (default: the shipped model, else random vit_b_16)")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of the bf16 paths at batch 32")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "inference.json")
+    ap.add_argument("--plot", type=Path, default=REPO / "bench" / "results" / "inference.png")
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        kind, spec = args.worker
+        print(json.dumps(WORKERS[kind](json.loads(spec))))
+        return 0
+
+    results: dict = {"machine": machine(), "command": " ".join(["bench/inference.py", *sys.argv[1:]]),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg()}
+    log(f"machine: {results['machine']}")
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
+        model_dir, onnx_path = prepare_models(Path(tmp))
+        if not args.no_throughput:
+            peak = run_worker("matmul", {})
+            log(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+            results["matmul_peak_gflops"] = peak
+            rows = throughput_suite(args, model_dir, onnx_path)
+            table, checks = summarise(rows, peak)
+            results["throughput"], results["checks"] = rows, checks
+            print("\n" + table + "\n")
+            for key, value in checks.items():
+                print(f"{key}: {json.dumps(value)}")
+            if args.plot:
+                plot(rows, args.plot)
+                log(f"plot: {args.plot}")
+        if args.profile:
+            for path in ("bf16-fused", "bf16-explicit"):
+                prof = run_worker("profile", {"model": "vit_b_16", "path": path, "model_dir": str(model_dir),
+                                              "batch": 32})
+                print(f"\nprofile {path} batch 32:\n{prof.get('table', prof.get('error'))}")
+                results.setdefault("profile", {})[path] = prof.get("table")
+        chosen = args.model or default_model_dir() or model_dir
+        if args.e2e:
+            results["e2e"] = e2e(args, chosen, args.e2e_images)
+            print(f"e2e: {json.dumps(results['e2e'])}")
+        if args.agreement:
+            results["agreement"] = agreement(args.agreement, chosen, args.limit)
+            print(f"agreement: {json.dumps(results['agreement'])}")
+    results["loadavg_end"] = os.getloadavg()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        log(f"results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
