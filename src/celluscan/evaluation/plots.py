@@ -23,8 +23,11 @@ from celluscan.taxonomy import TAXONOMY  # noqa: E402
 __all__ = ["display_name", "plot_history", "plot_confusion", "plot_reliability"]
 
 
-def display_name(label: str) -> str:
-    """'band_neutrophil' -> 'Band neutrophil' (taxonomy names; group ids and others prettified)."""
+def display_name(label: str, kind: str = "class") -> str:
+    """'band_neutrophil' -> 'Band neutrophil': the taxonomy's name for a class id (or, with
+    ``kind="group"``, a lineage-group id); anything else is prettified."""
+    if kind == "group" and label in TAXONOMY.groups:
+        return TAXONOMY.groups[label].name
     try:
         return TAXONOMY.cls(label).name
     except KeyError:

@@ -33,18 +33,18 @@ def write_json(path: str | os.PathLike, data) -> Path:
     return atomic_write_text(path, json.dumps(_clean(data), indent=2) + "\n")
 
 
-def _table(metrics: Mapping, title: str) -> list[str]:
+def _table(metrics: Mapping, title: str, kind: str = "class") -> list[str]:
     lines = [f"## {title}", "",
              f"{metrics['n']} images; accuracy {metrics['accuracy']:.4f}, macro accuracy "
              f"{metrics['macro_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
              f"ECE {metrics['ece']:.4f} (macro averages over the {len(metrics['classes_present'])} "
-             f"classes present)", "",
-             "| class | support | predicted | precision | recall | F1 |",
+             f"labels present)", "",
+             f"| {kind} | support | predicted | precision | recall | F1 |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, m in metrics["per_class"].items():
         if m["support"] == 0 and m["predicted"] == 0:
             continue
-        lines.append(f"| {display_name(name)} (`{name}`) | {m['support']} | {m['predicted']} | "
+        lines.append(f"| {display_name(name, kind)} (`{name}`) | {m['support']} | {m['predicted']} | "
                      f"{m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |")
     return lines + [""]
 
@@ -55,7 +55,7 @@ def per_class_markdown(metrics: Mapping, title: str = "Evaluation") -> str:
     if "per_class" in metrics:
         lines += _table(metrics, "Classes")
     if "group" in metrics:
-        lines += _table(metrics["group"], "Lineage groups")
+        lines += _table(metrics["group"], "Lineage groups", kind="group")
     coarse = metrics.get("coarse")
     if coarse:
         lines += ["## Coarse labels", "",

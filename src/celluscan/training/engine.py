@@ -129,10 +129,11 @@ class Trainer:
 
         o = cfg.optim
         groups = _param_groups(self.model, o.weight_decay, o.no_decay_norm_bias)
+        fused = o.fused if self.device.type in ("cpu", "cuda") else False
         if o.name == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=fused)
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+            self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, fused=fused)
 
         self.train_model: nn.Module = self.model
         if self.dist.active:
