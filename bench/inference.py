@@ -13,7 +13,8 @@ What is measured, all in one run:
 * the machine's matmul peak (``torch.matmul`` on large square matrices, fp32 and bf16);
 * the baseline: stock ``torchvision.models.vit_b_16`` (random init), eager fp32;
 * our ``vit_b_16`` on every path (fp32 eager, fp32 fused SDPA, bf16 explicit, bf16 fused,
-  bf16 under autocast for comparison, ONNX Runtime fp32), at batch 1, 8 and 32;
+  the bf16 paths traced + fused (``-jit``), ONNX Runtime fp32; with ``--autocast`` also bf16
+  under autocast over fp32 weights, for comparison), at batch 1, 8 and 32;
 * the shipped default model, when present: fp32 eager vs the path ``auto`` picks.
 
 Every (model, path, batch) runs in its own subprocess so no allocator or thread-pool state
@@ -45,9 +46,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "src" / "celluscan" / "assets" / "samples"
-OUR_PATHS = ("fp32-eager", "fp32-fused", "bf16-explicit", "bf16-fused",
-             "bf16-autocast-explicit", "bf16-autocast-fused", "onnx-fp32")
-FAST_PATHS = ("fp32-fused", "bf16-explicit", "bf16-fused", "onnx-fp32", "onnx-int8")
+OUR_PATHS = ("fp32-eager", "fp32-fused", "bf16-explicit", "bf16-fused", "bf16-explicit-jit",
+             "bf16-fused-jit", "onnx-fp32")
+AUTOCAST_PATHS = ("bf16-autocast-explicit", "bf16-autocast-fused")  # --autocast: design comparison
+FAST_PATHS = ("fp32-fused", "bf16-explicit", "bf16-fused", "bf16-explicit-jit", "bf16-fused-jit",
+              "onnx-fp32", "onnx-int8")
 TARGET_SPEEDUP, TARGET_PEAK, TARGET_E2E, TARGET_AGREEMENT = 3.5, 0.70, 1.5, 0.995
 
 
@@ -148,13 +151,16 @@ def worker_throughput(spec: dict) -> dict:
     from celluscan.inference.backends import configure_threads
 
     configure_threads()
+    start = time.perf_counter()
     runner, size, flops, path_name = _build_runner(spec)
     batch = spec["batch"]
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    times = _time_calls(lambda: runner(x), warmup=spec.get("warmup", 1), repeats=spec["repeats"])
+    _time_calls(lambda: runner(x), warmup=spec.get("warmup", 1), repeats=0)
+    setup = time.perf_counter() - start  # model build (+ tracing) and warm-up calls
+    times = _time_calls(lambda: runner(x), warmup=0, repeats=spec["repeats"])
     median = statistics.median(times)
     return {"img_s": batch / median, "img_s_best": batch / min(times), "batch_s_median": median,
-            "times": times, "gflop_per_img": flops / 1e9, "path_name": path_name,
+            "times": times, "setup_s": setup, "gflop_per_img": flops / 1e9, "path_name": path_name,
             "loadavg": os.getloadavg()[0]}
 
 
@@ -214,7 +220,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_models(tmp: Path) -> tuple[Path, Path]:
+def prepare_models(tmp: Path, with_onnx: bool = True) -> tuple[Path, Path | None]:
     """A random-init vit_b_16 model directory (shared by every 'ours' config) + its ONNX export."""
     import torch
 
@@ -226,6 +232,8 @@ def prepare_models(tmp: Path) -> tuple[Path, Path]:
     model_dir = tmp / "vit_b_16"
     save_model_dir(create_model("vit_b_16"), model_dir, CLASSES,
                    {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, {"bench": True})
+    if not with_onnx:
+        return model_dir, None
     onnx_path = model_dir / "model.onnx"
     log("exporting vit_b_16 to ONNX ...")
     report = export_onnx(model_dir, onnx_path)
@@ -249,8 +257,9 @@ def throughput_suite(args, model_dir: Path, onnx_path: Path) -> list[dict]:
     batches = [1, 8] if args.quick else args.batch_sizes
     baseline = {"model": "torchvision", "path": "fp32-eager"}
     configs = [baseline]
+    paths = OUR_PATHS + (AUTOCAST_PATHS if args.autocast else ())
     configs += [{"model": "vit_b_16", "path": p, "model_dir": str(model_dir), "onnx": str(onnx_path)}
-                for p in OUR_PATHS]
+                for p in paths]
     default = default_model_dir()
     if default is not None:
         configs += [{"model": "default", "path": p, "model_dir": str(default)} for p in ("fp32-eager", "auto")]
@@ -261,8 +270,9 @@ def throughput_suite(args, model_dir: Path, onnx_path: Path) -> list[dict]:
         for cfg in [*configs, baseline]:
             if cfg["model"] == "default" and batch == 1:
                 continue
+            warmup = 3 if cfg["path"].endswith("jit") else 2 if batch == 1 else 1  # jit: compile runs
             spec = {**cfg, "batch": batch, "repeats": repeats_for(batch, args.quick, args.repeats),
-                    "warmup": 2 if batch == 1 else 1}
+                    "warmup": warmup}
             res = run_worker("throughput", spec)
             row = {**cfg, "batch": batch, **res}
             results.append(row)
@@ -270,7 +280,7 @@ def throughput_suite(args, model_dir: Path, onnx_path: Path) -> list[dict]:
                 log(f"  {cfg['model']:<11} {cfg['path']:<24} b{batch:<3} ERROR {res['error']}")
             else:
                 log(f"  {cfg['model']:<11} {res['path_name']:<24} b{batch:<3} {res['img_s']:7.2f} img/s "
-                    f"(best {res['img_s_best']:.2f}, load {res['loadavg']:.1f})")
+                    f"(best {res['img_s_best']:.2f}, setup {res['setup_s']:.0f} s, load {res['loadavg']:.1f})")
     return results
 
 
@@ -485,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=None, help="timed batches per config (default 5, 3 at batch 32)")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput suite")
+    ap.add_argument("--autocast", action="store_true", help="also time bf16 autocast over fp32 weights")
     ap.add_argument("--e2e", action="store_true", help="also time `celluscan predict` on 1,000 JPEGs")
     ap.add_argument("--e2e-images", type=int, default=1000)
     ap.add_argument("--agreement", type=Path, metavar="DATA_DIR", help="top-1 agreement of fast paths with fp32")
@@ -504,8 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "command": " ".join(["bench/inference.py", *sys.argv[1:]]),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg()}
     log(f"machine: {results['machine']}")
+
+    def save() -> None:  # after every section, so a killed run keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
-        model_dir, onnx_path = prepare_models(Path(tmp))
+        model_dir, onnx_path = prepare_models(Path(tmp), with_onnx=not args.no_throughput)
         if not args.no_throughput:
             peak = run_worker("matmul", {})
             log(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
@@ -516,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + table + "\n")
             for key, value in checks.items():
                 print(f"{key}: {json.dumps(value)}")
+            save()
             if args.plot:
                 plot(rows, args.plot)
                 log(f"plot: {args.plot}")
@@ -525,18 +542,18 @@ def main(argv: list[str] | None = None) -> int:
                                               "batch": 32})
                 print(f"\nprofile {path} batch 32:\n{prof.get('table', prof.get('error'))}")
                 results.setdefault("profile", {})[path] = prof.get("table")
+                save()
         chosen = args.model or default_model_dir() or model_dir
         if args.e2e:
             results["e2e"] = e2e(args, chosen, args.e2e_images)
             print(f"e2e: {json.dumps(results['e2e'])}")
+            save()
         if args.agreement:
             results["agreement"] = agreement(args.agreement, chosen, args.limit)
             print(f"agreement: {json.dumps(results['agreement'])}")
     results["loadavg_end"] = os.getloadavg()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        log(f"results: {args.json}")
+    save()
+    log(f"results: {args.json}")
     return 0
 
 

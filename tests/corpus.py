@@ -9,6 +9,11 @@ returns ``{case name: path}``. ``expected_outcomes()`` says what should happen t
 * ``ignored``: not an image file by name (hidden or other suffix): skipped silently, counted;
 * ``not_followed``: a symlinked folder (here a loop): never entered, reported.
 
+``make_corpus(root, over_limit_bytes=N)`` adds the case ``over_size_limit``: a valid PNG
+padded to ``N + 1`` bytes (sparse on disk), for entry points whose file-size limit is ``N``
+(pass the same flag to ``expected_outcomes``). It is opt-in because uploading it needs a
+request limit above ``N``.
+
 Usage::
 
     from corpus import make_corpus, expected_outcomes
@@ -88,8 +93,9 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def expected_outcomes() -> dict[str, Expected]:
-    """What every entry point should do with each case of :func:`make_corpus`."""
+def expected_outcomes(over_limit: bool = False) -> dict[str, Expected]:
+    """What every entry point should do with each case of :func:`make_corpus`
+    (``over_limit``: the corpus was made with ``over_limit_bytes``)."""
     not_image = ("not an image", "cannot open", "not recognised")
     exp = {
         "zero_byte": Expected("rejected", ("empty",)),
@@ -98,6 +104,7 @@ def expected_outcomes() -> dict[str, Expected]:
         "random_bytes_png": Expected("rejected", not_image),
         "text_as_png": Expected("rejected", not_image),
         "html_as_png": Expected("rejected", not_image),
+        "pdf_as_jpg": Expected("rejected", not_image),
         "one_pixel": Expected("rejected", ("smaller than", "minimum")),
         "bomb_png": Expected("rejected", ("too large", "over the limit", "decompression")),
         "self_symlink_loop": Expected("rejected", ("symbolic links", "cannot access", "not found")),
@@ -125,11 +132,34 @@ def expected_outcomes() -> dict[str, Expected]:
             else Expected("rejected", ("permission", "cannot read"))
         ),
     }
+    if over_limit:
+        exp["over_size_limit"] = Expected("rejected", ("over the limit",))
     return exp
 
 
-def make_corpus(root: str | os.PathLike) -> dict[str, Path]:
-    """Write the corpus under ``root/lymphocyte/`` and return ``{case name: path}``."""
+def _minimal_pdf() -> bytes:
+    """A small but well-formed one-page PDF (what a scanned report looks like to a loader)."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 72 72] >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for i, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def make_corpus(root: str | os.PathLike, over_limit_bytes: int | None = None) -> dict[str, Path]:
+    """Write the corpus under ``root/lymphocyte/`` and return ``{case name: path}``.
+
+    ``over_limit_bytes``: also write ``over_size_limit`` (see the module docstring)."""
     d = Path(root) / CLASS_FOLDER
     d.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -148,6 +178,7 @@ def make_corpus(root: str | os.PathLike) -> dict[str, Path]:
     put("random_bytes_png", "random.png", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
     put("text_as_png", "notes.png", b"just some notes, not an image\n" * 20)
     put("html_as_png", "page.png", b"<!DOCTYPE html><html><body><img src='x.png'></body></html>\n")
+    put("pdf_as_jpg", "report.jpg", _minimal_pdf())
     files["one_pixel"] = _save(Image.new("RGB", (1, 1), (200, 100, 100)), d / "one_pixel.png", "PNG")
     put("bomb_png", "bomb.png", _bomb_png())
 
@@ -187,5 +218,11 @@ def make_corpus(root: str | os.PathLike) -> dict[str, Path]:
     dangling = d / "dangling.png"
     dangling.symlink_to("does_not_exist.png")
     files["dangling_symlink"] = dangling
-    assert set(files) == set(expected_outcomes()), set(files) ^ set(expected_outcomes())
+    if over_limit_bytes is not None:
+        big = _save(pattern_image(18, 40, 40), d / "over_limit.png", "PNG")
+        with open(big, "r+b") as fh:  # trailing zeros after IEND: decodable, but too big
+            fh.truncate(over_limit_bytes + 1)
+        files["over_size_limit"] = big
+    expected = expected_outcomes(over_limit=over_limit_bytes is not None)
+    assert set(files) == set(expected), set(files) ^ set(expected)
     return files

@@ -26,7 +26,7 @@ from celluscan.inference import (
     overlay_heatmap,
 )
 from celluscan.inference import predictor as predictor_module
-from celluscan.inference.backends import TORCH_PATHS, TorchRunner, cpu_supports_bf16
+from celluscan.inference.backends import JIT_PATHS, TORCH_PATHS, TorchRunner, cpu_supports_bf16
 from celluscan.inference.batching import batched_results, ordered_map
 from celluscan.models import load_model_dir
 from celluscan.taxonomy import CLASSES, group_of
@@ -81,8 +81,10 @@ def test_every_torch_path_agrees_with_fp32_eager_on_top1(model_dir, images):
     predictor = Predictor.from_model_dir(model_dir, precision="fp32")
     x = predictor.to_batch([predictor.prepare(im) for im in images])
     reference = TorchRunner(model, TORCH_PATHS[0])(x)[0]
-    for path in TORCH_PATHS[1:]:
-        logits, features = TorchRunner(model, path)(x)
+    for path in TORCH_PATHS[1:] + JIT_PATHS:
+        runner = TorchRunner(model, path)
+        assert runner.path == path and runner.note == ""  # tracing worked, no eager fallback
+        logits, features = runner(x)
         assert logits.dtype == torch.float32 and features.shape == (len(images), 32)
         assert torch.equal(logits.argmax(-1), reference.argmax(-1)), path.name
         tolerance = 1e-4 if path.precision == "fp32" else 0.15 * float(reference.abs().max())
@@ -97,6 +99,18 @@ def test_bf16_predictor_matches_fp32_top1(model_dir, images):
     assert [p.label for p in bf16] == [p.label for p in fp32]
     for a, b in zip(fp32, bf16):
         assert abs(a.confidence - b.confidence) < 0.05
+
+
+def test_jit_predictor_pads_partial_batches_and_matches_eager(model_dir, images):
+    eager = Predictor.from_model_dir(model_dir, precision="fp32", batch_size=4).predict_images(images)
+    predictor = Predictor.from_model_dir(model_dir, precision="fp32", batch_size=4, jit=True)
+    assert predictor.path_name.endswith("-jit")
+    jitted = predictor.predict_images(images)  # 10 images: batches of 4, 4 and 2
+    assert len(jitted) == len(images)
+    assert [p.label for p in jitted] == [p.label for p in eager]
+    np.testing.assert_allclose([p.confidence for p in jitted], [p.confidence for p in eager], atol=1e-5)
+    logits, _ = predictor.run(predictor.to_batch([predictor.prepare(im) for im in images[:3]]))
+    assert logits.shape == (3, len(CLASSES))  # padded to 4 inside, cut back to 3
 
 
 def test_auto_precision_uses_bf16_only_where_native(model_dir):

@@ -29,9 +29,12 @@ __all__ = [
     "auroc",
     "save_ood",
     "OOD_FILE",
+    "OOD_MAX_FLAG_RATE",
 ]
 
 OOD_FILE = "ood.safetensors"
+OOD_MAX_FLAG_RATE = 0.05
+"""Share of in-distribution (validation) images the threshold may flag."""
 
 
 @dataclass
@@ -111,8 +114,9 @@ def save_ood(model_dir: str | Path, stats: OODStats, extra: dict | None = None) 
 
     model_dir = Path(model_dir)
     tmp = model_dir / f".{OOD_FILE}.tmp"
+    fitted = ~torch.isnan(stats.class_means).any(1)  # classes absent from training have no mean
     save_file(
-        {"class_means": stats.class_means.contiguous(), "precision": stats.precision.contiguous()},
+        {"class_means": stats.class_means[fitted].contiguous(), "precision": stats.precision.contiguous()},
         str(tmp),
     )
     tmp.replace(model_dir / OOD_FILE)

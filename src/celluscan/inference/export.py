@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from celluscan.data.atomic import atomic_write_bytes
+from celluscan.inference.backends import LogitsAndFeatures, synthetic_batch
 
 __all__ = ["ExportReport", "ExportError", "export_onnx", "read_onnx_metadata", "OPSET"]
 
@@ -37,16 +38,6 @@ OPSET = 17
 
 class ExportError(RuntimeError):
     """Export failed or the exported graph does not reproduce the PyTorch model."""
-
-
-class _LogitsAndFeatures(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(images)
-        return self.model.head(features), features
 
 
 @dataclass
@@ -80,7 +71,7 @@ class ExportReport:
 def _export_graph(model: nn.Module, image_size: int, out: Path, opset: int) -> str:
     """torch.onnx.export with a dynamic batch axis; the dynamo exporter when onnxscript is
     installed, else the TorchScript one. Returns the exporter's name."""
-    wrapper = _LogitsAndFeatures(model).eval()
+    wrapper = LogitsAndFeatures(model).eval()
     dummy = torch.zeros(2, 3, image_size, image_size)
     names = dict(input_names=["images"], output_names=["logits", "features"])
     try:
@@ -156,10 +147,7 @@ def _check_batch(paths: Sequence[Path], preprocessing: dict, n_synthetic: int = 
     if arrays:
         normalise = EvalPreprocess(size, preprocessing["mean"], preprocessing["std"])
         return normalise(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)), "real"
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.randn(n_synthetic, 3, 4, 4, generator=g)
-    x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    return x + 0.1 * torch.randn(n_synthetic, 3, size, size, generator=g), "synthetic"
+    return synthetic_batch(size, n_synthetic, seed=0), "synthetic"
 
 
 def export_onnx(

@@ -36,6 +36,7 @@ from celluscan.inference.backends import (
     TorchRunner,
     configure_threads,
     cpu_supports_bf16,
+    synthetic_batch,
 )
 from celluscan.inference.batching import batched_results, ordered_map
 from celluscan.inference.ood import OODScorer
@@ -59,8 +60,10 @@ DEFAULT_MODEL_DIR = Path(str(resources.files("celluscan").joinpath("assets", "de
 ONNX_FILE = "model.onnx"
 TOP_K = 3
 
-# Fastest attention kernel per precision on CPU (True = fused SDPA). See BENCHMARKS.md.
-FASTEST_ATTENTION = {"fp32": True, "bf16": True}
+# Fastest attention kernel per (precision, jit) on CPU (True = fused SDPA), measured with
+# bench/inference.py on ViT-B/16 (BENCHMARKS.md "Inference").
+FASTEST_ATTENTION = {("fp32", False): True, ("bf16", False): True,
+                     ("fp32", True): True, ("bf16", True): False}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -162,14 +165,6 @@ def resolve_model_source(path: str | os.PathLike | None) -> ModelSource:
     return ModelSource(spec, onnx if onnx.is_file() else None)
 
 
-def _probe_batch(size: int, n: int = 4) -> torch.Tensor:
-    """Deterministic smooth 'images' (normalised scale) for sanity-checking a fast path."""
-    g = torch.Generator().manual_seed(1234)
-    coarse = torch.randn(n, 3, 4, 4, generator=g)
-    x = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    return x + 0.1 * torch.randn(n, 3, size, size, generator=g)
-
-
 def _top1_agrees(reference: torch.Tensor, candidate: torch.Tensor, tie: float = 0.1) -> bool:
     """Top-1 agreement, forgiving near-ties: where fp32's top two logits are within ``tie``
     either class is an acceptable answer."""
@@ -183,38 +178,42 @@ def _top1_agrees(reference: torch.Tensor, candidate: torch.Tensor, tie: float = 
 
 
 def choose_path(model: torch.nn.Module, image_size: int, precision: str = "auto",
-                attention: str = "auto") -> tuple[TorchRunner, str]:
+                attention: str = "auto", jit: bool = False) -> tuple[TorchRunner, str]:
     """Build the runner for a PyTorch precision request; returns (runner, note).
 
     ``precision="auto"``: bf16 when :func:`cpu_supports_bf16` and a probe batch agrees with
     fp32 on top-1 (near-ties forgiven), else fp32. ``attention``: "auto" (the fastest kernel
-    for the precision, :data:`FASTEST_ATTENTION`), "fused" or "explicit"."""
+    for the precision, :data:`FASTEST_ATTENTION`), "fused" or "explicit". ``jit``: trace and
+    fuse (see ``backends``; pays off only for thousands of images)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if attention not in ("auto", "fused", "explicit"):
         raise ValueError(f"attention must be auto, fused or explicit, got {attention!r}")
 
-    def path_for(prec: str) -> ExecutionPath:
-        fused = FASTEST_ATTENTION[prec] if attention == "auto" else attention == "fused"
-        return ExecutionPath("torch", prec, fused)
+    def runner_for(prec: str, with_jit: bool = jit) -> TorchRunner:
+        fused = FASTEST_ATTENTION[prec, with_jit] if attention == "auto" else attention == "fused"
+        return TorchRunner(model, ExecutionPath("torch", prec, fused, jit=with_jit))
+
+    def with_note(runner: TorchRunner, note: str = "") -> tuple[TorchRunner, str]:
+        return runner, "; ".join(n for n in (note, runner.note) if n)
 
     if precision == "fp32":
-        return TorchRunner(model, path_for("fp32")), ""
+        return with_note(runner_for("fp32"))
     if precision == "bf16":
         note = "" if cpu_supports_bf16() else "bf16 requested but this CPU has no native bf16: slow"
         if note:
             log.warning(note)
-        return TorchRunner(model, path_for("bf16")), note
-    reference = TorchRunner(model, path_for("fp32"))
+        return with_note(runner_for("bf16"), note)
     if not cpu_supports_bf16():
-        return reference, "fp32: this CPU has no native bf16"
-    fast = TorchRunner(model, path_for("bf16"))
-    probe = _probe_batch(image_size)
-    if _top1_agrees(reference(probe)[0], fast(probe)[0]):
-        return fast, ""
+        return with_note(runner_for("fp32"), "fp32: this CPU has no native bf16")
+    probe = synthetic_batch(image_size)
+    reference = runner_for("fp32", with_jit=False)(probe)[0]
+    fast = runner_for("bf16", with_jit=False)  # the probe checks bf16 numerics, not tracing
+    if _top1_agrees(reference, fast(probe)[0]):
+        return with_note(runner_for("bf16") if jit else fast)
     note = "bf16 disagreed with fp32 on a probe batch: using fp32"
     log.warning(note)
-    return reference, note
+    return with_note(runner_for("fp32"), note)
 
 
 class Predictor:
@@ -255,12 +254,15 @@ class Predictor:
         threshold: float = 0.6,
         attention: str = "auto",
         threads: int | None = None,
+        jit: bool = False,
     ) -> "Predictor":
         """Load a model directory (or an .onnx file; ``None``: the shipped default model).
 
         backend: "auto" (ONNX when ``path`` is an .onnx file, else PyTorch), "torch", "onnx"
         (``model.onnx`` in the directory). precision: "auto", "fp32", "bf16" (PyTorch only).
         threshold: top probability under which a prediction is flagged uncertain.
+        attention: "auto", "fused" or "explicit" (PyTorch). jit: TorchScript + oneDNN Graph
+        fusion (PyTorch; ~15-30 s of warm-up, worth it for thousands of images or a server).
         """
         if backend not in ("auto", "torch", "onnx"):
             raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
@@ -284,7 +286,7 @@ class Predictor:
         from celluscan.models import load_model_dir
 
         model, _info = load_model_dir(spec.model_dir)
-        runner, note = choose_path(model, int(spec.preprocessing["image_size"]), precision, attention)
+        runner, note = choose_path(model, int(spec.preprocessing["image_size"]), precision, attention, jit)
         return cls(runner, spec, batch_size, workers, policy, note)
 
     @property

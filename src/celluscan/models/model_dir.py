@@ -297,6 +297,11 @@ def read_model_dir_info(path: str | os.PathLike) -> ModelDirInfo:
     weights = document["weights"]
     if not isinstance(weights, dict) or weights.get("dtype") not in _DTYPES:
         raise ModelDirError(config_path, f"bad weights entry {weights!r}")
+    if weights.get("file", WEIGHTS_FILE) != WEIGHTS_FILE:
+        # The weights are always model.safetensors inside the directory: a config naming
+        # another file (a path such as ../../etc/passwd, or a pickle) is refused, not followed.
+        raise ModelDirError(config_path, f"weights.file is {weights.get('file')!r}; only "
+                                         f"{WEIGHTS_FILE!r} inside the model directory is accepted")
     if not isinstance(document["class_names"], list):
         raise ModelDirError(config_path, "class_names must be a list")
     names = _check_class_names(document["class_names"], model_config.num_classes, config_path)

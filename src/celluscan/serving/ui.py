@@ -32,7 +32,13 @@ from celluscan.serving.differential import Differential, compute_differential, p
 from celluscan.serving.knowledge import Knowledge, render_card_markdown
 from celluscan.serving.report import differential_csv, differential_rows, prediction_rows, predictions_csv
 from celluscan.serving.service import FileResult, ModelService, ServiceTimeout
-from celluscan.serving.uploads import TooManyFilesError, collect_uploads, sanitise_filename
+from celluscan.serving.uploads import (
+    TooManyFilesError,
+    Upload,
+    UploadError,
+    collect_uploads,
+    sanitise_filename,
+)
 from celluscan.taxonomy import TAXONOMY
 
 __all__ = ["build_ui", "offline_theme", "UI_CSS", "resolve_samples_dir", "sample_images",
@@ -221,6 +227,15 @@ def render_flags_html(diff: Differential, knowledge: Knowledge) -> str:
 # ------------------------------------------------------------------------------ handlers
 
 
+def _unreadable_upload(path: str, err: OSError) -> Upload:
+    """The error row for an uploaded file the server cannot open (never a crash)."""
+    if isinstance(err, FileNotFoundError):
+        reason = "file not found (the upload is no longer on the server; upload it again)"
+    else:
+        reason = f"cannot read the uploaded file: {err.strerror or err}"
+    return Upload(sanitise_filename(Path(path).name), error=UploadError("unreadable", reason))
+
+
 class _Handlers:
     def __init__(self, service: ModelService, knowledge: Knowledge):
         self.service = service
@@ -258,11 +273,15 @@ class _Handlers:
         if not files:
             return (_banner("error", "Upload one or more images or a .zip first."), *empty[1:])
         handles = []
+        unreadable: list[Upload] = []  # e.g. a stored upload already cleaned away: one error row
         try:
             for path in files:
-                handles.append((Path(path).name, open(path, "rb")))
+                try:
+                    handles.append((Path(path).name, open(path, "rb")))
+                except OSError as err:
+                    unreadable.append(_unreadable_upload(path, err))
             try:
-                uploads = collect_uploads(handles, self.service.limits)
+                uploads = collect_uploads(handles, self.service.limits) + unreadable
             except TooManyFilesError as err:
                 return (_banner("error", str(err)), *empty[1:])
         finally:

@@ -176,6 +176,10 @@ class EvalConfig:
     exported model directory (preprocessing.temperature)."""
     test_at_end: bool = True
     """Evaluate the best model on the test split at the end (RUN/metrics.json)."""
+    fit_ood: bool = True
+    """Fit the unfamiliar-image detector (class-conditional Mahalanobis distance on the [CLS]
+    features of the training split; threshold flags 5% of validation images) and store it in
+    the exported model directory (ood.safetensors + metadata.ood)."""
 
 
 @dataclass

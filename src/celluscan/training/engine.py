@@ -205,9 +205,11 @@ class Trainer:
 
     @torch.no_grad()
     def predict_logits(self, split: SplitTensors, model: nn.Module | None = None,
-                       sharded: bool = True) -> torch.Tensor:
-        """Logits (N, C) float32 on CPU for a split, in order (sharded over ranks if active)."""
+                       sharded: bool = True, features: bool = False) -> torch.Tensor:
+        """Logits (N, C) float32 on CPU for a split, in order (sharded over ranks if active).
+        With ``features=True``: the final-normed [CLS] features (N, D) instead."""
         model = model or self.eval_model
+        forward = model.forward_features if features else model
         was_training = model.training
         model.eval()
         n = len(split)
@@ -221,8 +223,9 @@ class Trainer:
         for start in range(lo, hi, bs):
             x = split.images[start:min(hi, start + bs)].to(self.device, non_blocking=True)
             with self._autocast():
-                outs.append(model(self.eval_pre(x)).float())
-        local = torch.cat(outs) if outs else torch.zeros(0, len(self.class_names), device=self.device)
+                outs.append(forward(self.eval_pre(x)).float())
+        width = model.config.embed_dim if features else len(self.class_names)
+        local = torch.cat(outs) if outs else torch.zeros(0, width, device=self.device)
         if sharded and self.dist.active:
             local = gather_rows(local, n)
         model.train(was_training)
@@ -414,6 +417,23 @@ class Trainer:
         barrier()
         return result
 
+    def _fit_ood(self, model: nn.Module, model_dir: Path) -> dict:
+        """Fit the unfamiliar-image detector on train features, threshold on validation."""
+        from celluscan.evaluation.ood import OOD_MAX_FLAG_RATE, fit_mahalanobis, mahalanobis_min_distance
+        from celluscan.evaluation.ood import choose_threshold, save_ood
+
+        train_feats = self.predict_logits(self.data.train, model, sharded=False, features=True)
+        stats = fit_mahalanobis(train_feats, self.data.train.labels.cpu(), len(self.class_names))
+        val_scores = mahalanobis_min_distance(
+            self.predict_logits(self.data.val, model, sharded=False, features=True), stats)
+        stats.threshold = choose_threshold(val_scores, OOD_MAX_FLAG_RATE)
+        info = {"fitted_on": "train", "threshold_from": "val", "max_flag_rate": OOD_MAX_FLAG_RATE,
+                "threshold": stats.threshold}
+        save_ood(model_dir, stats, info)
+        self.log(f"unfamiliar-image detector: Mahalanobis on [CLS] features, threshold {stats.threshold:.1f} "
+                 f"flags {OOD_MAX_FLAG_RATE:.0%} of validation images")
+        return info
+
     def _final_report(self) -> dict:
         model_dir = self.run_dir / "model"
         best, info = load_model_dir(model_dir, map_location=self.device)
@@ -436,6 +456,8 @@ class Trainer:
                          ece=val_before["ece"], after=reliability_bins(val_labels.numpy(), after),
                          ece_after=val_after["ece"])
         summary: dict[str, Any] = {"best": self.best, "calibration": calibration, "val": val_after}
+        if self.cfg.eval.fit_ood and len(self.data.train) and len(self.data.val):
+            summary["ood"] = self._fit_ood(best, model_dir)
         self.log(f"temperature {temperature:.3f}: validation ECE {val_before['ece']:.4f} -> {val_after['ece']:.4f}")
         if self.cfg.eval.test_at_end and self.data.test is not None and len(self.data.test):
             test_logits = self.predict_logits(self.data.test, best, sharded=False)
