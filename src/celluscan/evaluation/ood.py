@@ -30,6 +30,7 @@ __all__ = [
     "save_ood",
     "OOD_FILE",
     "OOD_MAX_FLAG_RATE",
+    "fit_detector",
 ]
 
 OOD_FILE = "ood.safetensors"
@@ -104,6 +105,14 @@ def auroc(in_scores, out_scores) -> float:
         i = j + 1
     rank_sum_out = ranks[a.size :].sum()
     return float((rank_sum_out - b.size * (b.size + 1) / 2) / (a.size * b.size))
+
+
+def fit_detector(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                 num_classes: int, max_flag_rate: float = OOD_MAX_FLAG_RATE) -> OODStats:
+    """Fit on the training split's features; set the threshold on the validation split's."""
+    stats = fit_mahalanobis(train_features, train_labels, num_classes)
+    stats.threshold = choose_threshold(mahalanobis_min_distance(val_features, stats), max_flag_rate)
+    return stats
 
 
 def save_ood(model_dir: str | Path, stats: OODStats, extra: dict | None = None) -> None:

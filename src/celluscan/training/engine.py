@@ -419,14 +419,11 @@ class Trainer:
 
     def _fit_ood(self, model: nn.Module, model_dir: Path) -> dict:
         """Fit the unfamiliar-image detector on train features, threshold on validation."""
-        from celluscan.evaluation.ood import OOD_MAX_FLAG_RATE, fit_mahalanobis, mahalanobis_min_distance
-        from celluscan.evaluation.ood import choose_threshold, save_ood
+        from celluscan.evaluation.ood import OOD_MAX_FLAG_RATE, fit_detector, save_ood
 
-        train_feats = self.predict_logits(self.data.train, model, sharded=False, features=True)
-        stats = fit_mahalanobis(train_feats, self.data.train.labels.cpu(), len(self.class_names))
-        val_scores = mahalanobis_min_distance(
-            self.predict_logits(self.data.val, model, sharded=False, features=True), stats)
-        stats.threshold = choose_threshold(val_scores, OOD_MAX_FLAG_RATE)
+        feats = {name: self.predict_logits(split, model, sharded=False, features=True)
+                 for name, split in (("train", self.data.train), ("val", self.data.val))}
+        stats = fit_detector(feats["train"], self.data.train.labels.cpu(), feats["val"], len(self.class_names))
         info = {"fitted_on": "train", "threshold_from": "val", "max_flag_rate": OOD_MAX_FLAG_RATE,
                 "threshold": stats.threshold}
         save_ood(model_dir, stats, info)
