@@ -299,11 +299,7 @@ def expectation(entry: str, case: str, path: Path) -> tuple[str, tuple[str, ...]
 
 # Known gaps, reported to the owners rather than fixed here. strict: the test fails once fixed,
 # so the entry is removed then.
-KNOWN_GAPS = {
-    ("evaluate", "dangling_symlink"): "evaluate's folder walk skips broken symlinks silently "
-                                      "(Path.is_file() is False) instead of listing them as errors",
-    ("evaluate", "self_symlink_loop"): "as dangling_symlink",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _params():

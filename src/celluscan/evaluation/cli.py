@@ -88,7 +88,8 @@ def collect_files(data: Path, *, split: str | None = None, coarse: bool = False,
     out = []
     for folder in sorted(p for p in data.iterdir() if p.is_dir()):
         for f in sorted(folder.rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+            # Symlinks are kept even when broken or looping: they get an error row, not silence.
+            if not (f.is_file() or f.is_symlink()) or f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             class_id, raw = mapper.map_file(f.name, folder.name)
             if class_id == SKIP:
