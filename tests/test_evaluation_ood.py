@@ -34,6 +34,14 @@ def test_mahalanobis_scores_far_points_higher_than_cluster_points():
     assert float(mahalanobis_min_distance(centres, stats).max()) < 0.5
 
 
+def test_degenerate_features_still_fit():
+    feats = torch.ones(5, 4)  # every training image gives the same features
+    stats = fit_mahalanobis(feats, torch.zeros(5, dtype=torch.long), num_classes=2)
+    assert torch.isfinite(stats.precision).all()
+    assert float(mahalanobis_min_distance(feats, stats).max()) < 1e-3
+    assert float(mahalanobis_min_distance(feats + 1, stats).min()) > 1.0
+
+
 def test_threshold_flags_the_requested_share_of_in_distribution_scores():
     scores = torch.arange(1000, dtype=torch.float32)
     t = choose_threshold(scores, 0.05)

@@ -62,8 +62,10 @@ def fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     x = torch.cat(centred)
     cov = x.T @ x / max(x.shape[0] - 1, 1)
     # Shrink toward a scaled identity so the inverse is stable with few samples per dimension.
-    cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(d, dtype=torch.float64)
-    precision = torch.linalg.inv(cov)
+    # (An absolute floor keeps degenerate features, e.g. a tiny or constant training set, invertible.)
+    ridge = max(float(shrinkage * cov.diagonal().mean()), 1e-6)
+    cov = cov + ridge * torch.eye(d, dtype=torch.float64)
+    precision = torch.linalg.pinv(cov, hermitian=True)
     precision = (precision + precision.T) / 2
     return OODStats(class_means=means.float(), precision=precision.float())
 

@@ -47,12 +47,12 @@ def flags_text(result: Prediction | BaseException) -> str:
         return f"ERROR: {reason}"
     flags = []
     if result.uncertain:
-        flags.append(f"uncertain ({result.uncertain_reason})")
+        flags.append(f"uncertain: {result.uncertain_reason}")
         if result.group_answer:
             flags.append(result.group_answer)
     if result.unfamiliar:
         flags.append(f"unfamiliar image (score {result.unfamiliar_score:.1f})")
-    return "; ".join(flags)
+    return " | ".join(flags)
 
 
 def _fit(text: str, width: int) -> str:
