@@ -10,8 +10,9 @@ Usage (from the repo root; run it niced, it keeps both cores busy for ~10 minute
 
 What is measured, all in one run:
 
-* the machine's matmul peak (``torch.matmul`` on 2048^2 matrices, fp32 and bf16), at the start
-  and at the end of the run; the higher of the two is used (background load only lowers it);
+* the machine's matmul peak (``torch.matmul`` on 2048^2 and 4096^2 matrices, fp32 and bf16,
+  the faster size), at the start and at the end of the run; the higher of the two is used
+  (background load only lowers it);
 * the baseline: stock ``torchvision.models.vit_b_16`` (random init), eager fp32;
 * our ``vit_b_16`` on every path (fp32 eager, fp32 fused SDPA, bf16 explicit, bf16 fused,
   the bf16 paths traced + fused (``-jit``), ONNX Runtime fp32 and int8 (dynamic
@@ -76,20 +77,23 @@ def _time_calls(fn, warmup: int, repeats: int) -> list[float]:
 
 
 def worker_matmul(spec: dict) -> dict:
+    """Median GFLOP/s of torch.matmul on square matrices, the best size of ``sizes``."""
     import torch
 
     from celluscan.inference.backends import configure_threads
 
     configure_threads()
-    n = spec.get("n", 2048)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g).to(dtype)
-        b = torch.randn(n, n, generator=g).to(dtype)
-        times = _time_calls(lambda: torch.matmul(a, b), warmup=2, repeats=spec.get("repeats", 7))
-        out[name] = 2 * n**3 / statistics.median(times) / 1e9
-        out[name + "_best"] = 2 * n**3 / min(times) / 1e9
+        for n in spec.get("sizes", (2048, 4096)):
+            g = torch.Generator().manual_seed(0)
+            a = torch.randn(n, n, generator=g).to(dtype)
+            b = torch.randn(n, n, generator=g).to(dtype)
+            times = _time_calls(lambda: torch.matmul(a, b), warmup=2, repeats=spec.get("repeats", 5))
+            gflops = 2 * n**3 / statistics.median(times) / 1e9
+            if gflops > out.get(name, 0.0):
+                out[name], out[name + "_n"] = gflops, n
+                out[name + "_best"] = 2 * n**3 / min(times) / 1e9
     return out
 
 
