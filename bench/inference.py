@@ -307,33 +307,38 @@ def summarise(results: list[dict], peak: dict) -> tuple[str, dict]:
         if r["model"] == "torchvision" and "img_s" in r:
             runs.setdefault(r["batch"], []).append(r["img_s"])
     baseline = {b: statistics.mean(v) for b, v in runs.items()}
-    lines = ["| model | path | batch | img/s (median) | img/s (best) | x baseline | GFLOP/s | % fp32 peak | % bf16 peak |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | path | batch | img/s (median) | img/s (best) | x baseline | GFLOP/s | % fp32 peak "
+             "| % bf16 peak | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "img_s" not in r:
-            lines.append(f"| {r['model']} | {r['path']} | {r['batch']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['path']} | {r['batch']} | error: {r['error']} | | | | | | |")
             continue
         gflops = r["img_s"] * r["gflop_per_img"]
         ratio = r["img_s"] / baseline[r["batch"]] if r["batch"] in baseline and r["model"] != "default" else float("nan")
         lines.append(f"| {r['model']} | {r['path_name']} | {r['batch']} | {r['img_s']:.2f} | {r['img_s_best']:.2f} | "
-                     f"{ratio:.2f} | {gflops:.0f} | {100 * gflops / peak['fp32']:.0f}% | {100 * gflops / peak['bf16']:.0f}% |")
+                     f"{ratio:.2f} | {gflops:.0f} | {100 * gflops / peak['fp32']:.0f}% | "
+                     f"{100 * gflops / peak['bf16']:.0f}% | {r['loadavg']:.1f} |")
     ours = [r for r in results if r["model"] == "vit_b_16" and "img_s" in r]
-    checks = {}
-    if ours and baseline:
-        best = max(ours, key=lambda r: r["img_s"] / baseline.get(r["batch"], math.inf))
-        checks["best_speedup"] = {"path": best["path_name"], "batch": best["batch"],
-                                  "ratio": best["img_s"] / baseline[best["batch"]],
-                                  "target": TARGET_SPEEDUP}
-        top = max(ours, key=lambda r: r["img_s"])
-        frac = top["img_s"] * top["gflop_per_img"] / peak["bf16"]
-        checks["best_peak_fraction"] = {"path": top["path_name"], "batch": top["batch"],
-                                        "fraction_of_bf16_peak": frac, "target": TARGET_PEAK}
-        for b in sorted(baseline):
-            at_b = [r for r in ours if r["batch"] == b]
-            if at_b:
-                fastest = max(at_b, key=lambda r: r["img_s"])
-                checks[f"speedup_batch_{b}"] = {"path": fastest["path_name"],
-                                                "ratio": fastest["img_s"] / baseline[b]}
+    checks: dict = {}
+    if not (ours and baseline):
+        return "\n".join(lines), checks
+    bf16 = [r for r in ours if r["path_name"].startswith("bf16")]
+    for name, rows in (("best_speedup", ours), ("best_speedup_bf16", bf16)):
+        if rows:
+            best = max(rows, key=lambda r: r["img_s"] / baseline.get(r["batch"], math.inf))
+            checks[name] = {"path": best["path_name"], "batch": best["batch"],
+                            "ratio": best["img_s"] / baseline[best["batch"]], "target": TARGET_SPEEDUP}
+    if bf16:  # the peak target is a bf16 one: int8 paths run on other (VNNI) units
+        top = max(bf16, key=lambda r: r["img_s"])
+        checks["best_bf16_peak_fraction"] = {"path": top["path_name"], "batch": top["batch"],
+                                             "fraction": top["img_s"] * top["gflop_per_img"] / peak["bf16"],
+                                             "target": TARGET_PEAK}
+    for b in sorted(baseline):
+        at_b = [r for r in ours if r["batch"] == b]
+        if at_b:
+            fastest = max(at_b, key=lambda r: r["img_s"])
+            checks[f"speedup_batch_{b}"] = {"path": fastest["path_name"], "ratio": fastest["img_s"] / baseline[b]}
     return "\n".join(lines), checks
 
 
