@@ -16,8 +16,8 @@ What is measured, all in one run:
 * the baseline: stock ``torchvision.models.vit_b_16`` (random init), eager fp32;
 * our ``vit_b_16`` on every path (fp32 eager, fp32 fused SDPA, bf16 explicit, bf16 fused,
   the bf16 paths traced + fused (``-jit``), ONNX Runtime fp32 and int8 (dynamic
-  quantisation: check its agreement with ``--agreement``); with ``--autocast`` also bf16
-  under autocast over fp32 weights, for comparison), at batch 1, 8 and 32;
+  quantisation: check its agreement with ``--agreement``); with ``--bf16-weights`` also the
+  whole model held in bf16, the design alternative), at batch 1, 8 and 32;
 * the shipped default model, when present: fp32 eager vs the path ``auto`` picks.
 
 Every (model, path, batch) runs in its own subprocess so no allocator or thread-pool state
@@ -37,6 +37,7 @@ imports, model load included) and the time of its decode + classify loop alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -54,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "src" / "celluscan" / "assets" / "samples"
 OUR_PATHS = ("fp32-eager", "fp32-fused", "bf16-explicit", "bf16-fused", "bf16-explicit-jit",
              "bf16-fused-jit", "onnx-fp32", "onnx-int8")
-AUTOCAST_PATHS = ("bf16-autocast-explicit", "bf16-autocast-fused")  # --autocast: design comparison
+BF16_WEIGHTS_PATHS = ("bf16w-explicit", "bf16w-fused")  # --bf16-weights: the design alternative
 FAST_PATHS = ("fp32-fused", "bf16-explicit", "bf16-fused", "bf16-explicit-jit", "bf16-fused-jit",
               "onnx-fp32", "onnx-int8")
 TARGET_SPEEDUP, TARGET_PEAK, TARGET_E2E, TARGET_AGREEMENT = 3.5, 0.70, 1.5, 0.995
@@ -97,18 +98,20 @@ def worker_matmul(spec: dict) -> dict:
     return out
 
 
-class _AutocastRunner:
-    """bf16 via CPU autocast over fp32 weights (weights recast on every call), for comparison
-    with the predictor's bf16 path, which holds a bf16 copy of the weights."""
+class _Bf16WeightsRunner:
+    """The design alternative to the predictor's bf16 path: the whole model held in bf16
+    (patch embedding, residual stream and head included). As fast, less faithful to fp32."""
 
     def __init__(self, model, fused: bool):
-        self.model = model.eval().set_fused_attn(fused)
+        import torch
+
+        self.model = copy.deepcopy(model).eval().set_fused_attn(fused).to(torch.bfloat16)
 
     def __call__(self, x):
         import torch
 
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            features = self.model.forward_features(x)
+        with torch.inference_mode():
+            features = self.model.forward_features(x.to(torch.bfloat16))
             return self.model.head(features).float(), features.float()
 
 
@@ -151,8 +154,8 @@ def _build_runner(spec: dict):
     else:
         model, size = create_model("vit_b_16").eval(), 224
     flops = count_flops(model.config)
-    if path.startswith("bf16-autocast-"):
-        return _AutocastRunner(model, path.endswith("fused")), size, flops, path
+    if path.startswith("bf16w-"):
+        return _Bf16WeightsRunner(model, path.endswith("fused")), size, flops, path
     return TorchRunner(model, ExecutionPath.parse(path)), size, flops, path
 
 
@@ -273,7 +276,7 @@ def throughput_suite(args, model_dir: Path, onnx_path: Path) -> list[dict]:
     batches = [1, 8] if args.quick else args.batch_sizes
     baseline = {"model": "torchvision", "path": "fp32-eager"}
     configs = [baseline]
-    paths = OUR_PATHS + (AUTOCAST_PATHS if args.autocast else ())
+    paths = OUR_PATHS + (BF16_WEIGHTS_PATHS if args.bf16_weights else ())
     configs += [{"model": "vit_b_16", "path": p, "model_dir": str(model_dir), "onnx": str(onnx_path)}
                 for p in paths]
     default = default_model_dir()
@@ -505,11 +508,13 @@ def agreement(data_dir: Path, model_dir: Path, limit: int, batch: int = 32) -> d
         onnx_fp32 = Path(tmp) / "model.onnx"  # exported here: the model dir may have none
         export_onnx(model_dir, onnx_fp32, check_images=files[:16])
         export_onnx(model_dir, int8_path_for(onnx_fp32), int8=True, check_images=files[:16])
-        for name in FAST_PATHS:
+        for name in FAST_PATHS + ("bf16w-explicit",):  # + the design alternative, for the record
             if name.startswith("onnx"):
                 precision = name.split("-")[1]
                 runner = OnnxRunner(int8_path_for(onnx_fp32) if precision == "int8" else onnx_fp32,
                                     precision=precision)
+            elif name.startswith("bf16w-"):
+                runner = _Bf16WeightsRunner(model, name.endswith("fused"))
             else:
                 runner = TorchRunner(model, ExecutionPath.parse(name))
             got = top1(runner)
@@ -531,10 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=None, help="timed batches per config (default 5, 3 at batch 32)")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput suite")
-    ap.add_argument("--autocast", action="store_true", help="also time bf16 autocast over fp32 weights")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="also time the whole model held in bf16 (the design alternative)")
     ap.add_argument("--e2e", action="store_true", help="also time `celluscan predict` on 1,000 JPEGs")
     ap.add_argument("--e2e-images", type=int, default=1000)
-    ap.add_argument("--agreement", type=Path, metavar="DATA_DIR", help="top-1 agreement of fast paths with fp32")
+    ap.add_argument("--agreement", type=Path, nargs="+", metavar="DATA_DIR",
+                    help="top-1 agreement of fast paths with fp32 on the images under each DATA_DIR")
     ap.add_argument("--limit", type=int, default=700, help="--agreement: images sampled (0 = all)")
     ap.add_argument("--model", type=Path, default=None,
                     help="model directory for --e2e/--agreement (default: the shipped model, else random vit_b_16)")
@@ -591,8 +598,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"e2e: {json.dumps(results['e2e'][-1])}")
                 save()
         if args.agreement:
-            results["agreement"] = agreement(args.agreement, chosen, args.limit)
-            print(f"agreement: {json.dumps(results['agreement'])}")
+            results["agreement"] = []
+            for data_dir in args.agreement:
+                results["agreement"].append(agreement(data_dir, chosen, args.limit))
+                print(f"agreement: {json.dumps(results['agreement'][-1])}")
+                save()
     results["loadavg_end"] = os.getloadavg()
     save()
     log(f"results: {args.json}")

@@ -26,7 +26,14 @@ from celluscan.inference import (
     overlay_heatmap,
 )
 from celluscan.inference import predictor as predictor_module
-from celluscan.inference.backends import JIT_PATHS, TORCH_PATHS, TorchRunner, cpu_supports_bf16
+from celluscan.inference.backends import (
+    JIT_PATHS,
+    TORCH_PATHS,
+    ExecutionPath,
+    Float32,
+    TorchRunner,
+    cpu_supports_bf16,
+)
 from celluscan.inference.batching import batched_results, ordered_map
 from celluscan.models import load_model_dir
 from celluscan.taxonomy import CLASSES, group_of
@@ -89,6 +96,21 @@ def test_every_torch_path_agrees_with_fp32_eager_on_top1(model_dir, images):
         assert torch.equal(logits.argmax(-1), reference.argmax(-1)), path.name
         tolerance = 1e-4 if path.precision == "fp32" else 0.15 * float(reference.abs().max())
         assert float((logits - reference).abs().max()) < tolerance, path.name
+
+
+def test_bf16_runner_is_mixed_precision_and_leaves_the_callers_model_alone(model_dir, images):
+    model, _ = load_model_dir(model_dir)
+    runner = TorchRunner(model, ExecutionPath.parse("bf16-explicit"))
+    assert isinstance(runner.model.patch_embed, Float32) and not isinstance(model.patch_embed, Float32)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x = Predictor.from_model_dir(model_dir, precision="fp32").to_batch(
+        [np.asarray(preprocess(im, 32, "edge")) for im in images])
+    reference = TorchRunner(model, ExecutionPath.parse("fp32-eager"))(x)[0]
+    logits = runner(x)[0]
+    diff = float((logits - reference).abs().max())
+    assert 0 < diff < 0.05 * float(reference.abs().max())  # bf16 matmuls really ran, and closely
+    heat = Predictor(runner, Predictor.from_model_dir(model_dir).spec).explain(images[0])
+    assert heat.shape == images[0].size[::-1]  # attention maps from the bf16 runner's model
 
 
 def test_bf16_predictor_matches_fp32_top1(model_dir, images):
