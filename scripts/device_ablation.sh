@@ -2,25 +2,38 @@
 # Run the model ablation (configs/ablation/*.yaml) on a lent GPU machine within a time budget and
 # leave the results in $OUT: the log, every run's reports/plots (runs.tgz, no checkpoints) and
 # bf16 weights of the shipped recipe's run plus the best other runs (<= 15 MB pieces).
-#   bash scripts/device_ablation.sh BUDGET_MIN
+#   bash scripts/device_ablation.sh BUDGET_MIN [CONFIG.yaml ...]   (default configs/ablation/*.yaml)
 # Needs datasets/blood-cells-160 (scripts/pack_dataset.py) beside the code. The same configs run
 # on a CPU with `celluscan train --config ...`; the GPU only makes the whole table affordable.
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 BUDGET=${1:-7}
+shift || true
+CONFIGS=("$@"); [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(configs/ablation/*.yaml)
+PARALLEL=${PARALLEL:-${#CONFIGS[@]}}; [ "$PARALLEL" -le 6 ] || PARALLEL=6
 ABL=/tmp/abl
 DEV=auto
 {
   date; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, torchvision, PIL; from PIL import features; print('torch', torch.__version__, 'tv', torchvision.__version__, 'PIL', PIL.__version__, 'webp', features.check('webp'), 'cuda', torch.cuda.is_available())"
-  python3 -c "from celluscan.training.data_source import load_train_data as l; d=l('datasets/blood-cells-160', 160, workers=16); print('cache ok', len(d.train), len(d.val), len(d.test))" || exit 3
-  if ! timeout 150 python3 -m celluscan train --config configs/ablation/a3_ti128_stem_modern_robust.yaml --out /tmp/smoke \
+  # build every config's tensor cache once with all cores, before the runs start in parallel
+  python3 - "${CONFIGS[@]}" <<'PY' || exit 3
+import sys
+from celluscan.training.config import load_config
+from celluscan.training.data_source import load_train_data
+for path in sys.argv[1:]:
+    cfg = load_config(path)
+    d = load_train_data('datasets/blood-cells-160', cfg.data.cache_size or cfg.model.image_size, workers=16,
+                        canonical=cfg.data.canonical)
+    print('cache ok', path, len(d.train), len(d.val), len(d.test), flush=True)
+PY
+  if ! timeout 150 python3 -m celluscan train --config "${CONFIGS[0]}" --out /tmp/smoke \
       --set data.dataset=datasets/blood-cells-160 model.name=vit_test model.image_size=32 train.epochs=1 data.subset_fraction=0.05; then
     echo "CUDA smoke test failed: falling back to the CPU"; DEV=cpu
   fi
-  python3 scripts/ablation.py configs/ablation/*.yaml --dataset datasets/blood-cells-160 --out $ABL \
-      --budget-min "$BUDGET" --parallel 6 --probe --finish-reserve-s 50 --set device=$DEV
+  python3 scripts/ablation.py "${CONFIGS[@]}" --dataset datasets/blood-cells-160 --out $ABL \
+      --budget-min "$BUDGET" --parallel "$PARALLEL" --probe --finish-reserve-s 50 --set device=$DEV
   date
 } 2>&1 | tee "$OUT/log.txt"
 python3 - "$ABL" "$OUT" <<'PY'
@@ -30,7 +43,7 @@ abl, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 rows = json.loads((abl / "results.json").read_text())
 rows = [r for r in rows if (abl / r["run"] / "model" / "model.safetensors").exists()]
 rows.sort(key=lambda r: -(r["val_macro_f1"] or 0))
-pick = [r["run"] for r in rows if r["run"].startswith("a3")] + [r["run"] for r in rows if not r["run"].startswith("a3")]
+pick = [r["run"] for r in rows]  # best validation macro-F1 first
 budget, files = 58e6, 0
 for name in pick:
     model, info = load_model_dir(abl / name / "model")

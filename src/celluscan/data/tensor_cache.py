@@ -26,12 +26,12 @@ from celluscan.data.imageio import ImageLoadError, load_image
 __all__ = ["TensorCache"]
 
 
-def _decode_one(args: tuple[str, int, str]) -> np.ndarray | str:
-    path, size, fill = args
+def _decode_one(args: tuple[str, int, str, dict | None]) -> np.ndarray | str:
+    path, size, fill, canonical = args
     from celluscan.data.transforms import preprocess
 
     try:
-        img = preprocess(load_image(path), size, fill=fill)
+        img = preprocess(load_image(path), size, fill=fill, canonical=canonical)
     except ImageLoadError as e:
         return str(e)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
@@ -46,9 +46,12 @@ def _resolve_path(row, dataset_dir: Path | None, size: int, ingest_size: int | N
     return str(row.path)
 
 
-def _manifest_digest(keys: list[str], labels: list[int], splits: list[str], size: int, fill: str) -> str:
+def _manifest_digest(keys: list[str], labels: list[int], splits: list[str], size: int, fill: str,
+                     canonical_key: str = "") -> str:
     h = hashlib.sha256()
     h.update(f"{size}|{fill}|".encode())
+    if canonical_key:  # absent for plain preprocessing, so caches built before it stay valid
+        h.update(f"canonical={canonical_key}|".encode())
     for k, l, s in zip(keys, labels, splits):
         h.update(f"{k},{l},{s};".encode())
     return h.hexdigest()
@@ -64,6 +67,9 @@ class TensorCache:
     keys: list[str]
     sources: list[str]
     size: int
+    tag: str = ""
+    """File-name tag of a canonicalised build (data.canonical), so variants do not overwrite
+    each other: ``tensors_<size><tag>.npy``."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -80,6 +86,7 @@ class TensorCache:
         dataset_dir: str | os.PathLike | None = None,
         ingest_size: int | None = None,
         fill: str = "edge",
+        canonical=None,
         workers: int = 2,
         progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
@@ -97,13 +104,18 @@ class TensorCache:
         labels = [CLASS_TO_INDEX[r.label] for r in rows]
         splits = [r.split for r in rows]
         sources = [getattr(r, "source", "") for r in rows]
-        digest = _manifest_digest(keys, labels, splits, size, fill)
+        from celluscan.data.canonical import CanonicalConfig
+
+        canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+        digest = _manifest_digest(keys, labels, splits, size, fill, canon.key())
+        tag = "_c" + hashlib.sha256(canon.key().encode()).hexdigest()[:8] if canon.active else ""
         if cache_dir is not None:
-            loaded = cls.load(cache_dir, size, expect_digest=digest)
+            loaded = cls.load(cache_dir, size, expect_digest=digest, tag=tag)
             if loaded is not None:
                 return loaded
         ddir = Path(dataset_dir) if dataset_dir is not None else None
-        jobs = [(_resolve_path(r, ddir, size, ingest_size), size, fill) for r in rows]
+        canon_dict = canon.to_dict() if canon.active else None
+        jobs = [(_resolve_path(r, ddir, size, ingest_size), size, fill, canon_dict) for r in rows]
         images = np.zeros((len(rows), 3, size, size), dtype=np.uint8)
         keep = np.ones(len(rows), dtype=bool)
         start = last = time.monotonic()
@@ -137,6 +149,7 @@ class TensorCache:
             keys=[keys[i] for i in idx],
             sources=[sources[i] for i in idx],
             size=size,
+            tag=tag,
         )
         if cache_dir is not None:
             cache.save(cache_dir, digest)
@@ -144,12 +157,12 @@ class TensorCache:
 
     # ---- persistence: .npy + .json, never pickle ----
     @staticmethod
-    def _paths(cache_dir, size) -> tuple[Path, Path]:
+    def _paths(cache_dir, size, tag: str = "") -> tuple[Path, Path]:
         d = Path(cache_dir)
-        return d / f"tensors_{size}.npy", d / f"tensors_{size}.json"
+        return d / f"tensors_{size}{tag}.npy", d / f"tensors_{size}{tag}.json"
 
     def save(self, cache_dir, digest: str) -> None:
-        npy, meta = self._paths(cache_dir, self.size)
+        npy, meta = self._paths(cache_dir, self.size, self.tag)
         npy.parent.mkdir(parents=True, exist_ok=True)
         tmp_npy = npy.with_suffix(".npy.tmp")
         with open(tmp_npy, "wb") as f:
@@ -171,8 +184,8 @@ class TensorCache:
         os.replace(tmp_meta, meta)
 
     @classmethod
-    def load(cls, cache_dir, size: int, expect_digest: str | None = None) -> "TensorCache | None":
-        npy, meta = cls._paths(cache_dir, size)
+    def load(cls, cache_dir, size: int, expect_digest: str | None = None, tag: str = "") -> "TensorCache | None":
+        npy, meta = cls._paths(cache_dir, size, tag)
         if not (npy.exists() and meta.exists()):
             return None
         try:
@@ -193,4 +206,5 @@ class TensorCache:
             keys=list(info["keys"]),
             sources=list(info.get("sources", [""] * len(info["keys"]))),
             size=int(info["size"]),
+            tag=tag,
         )

@@ -100,18 +100,25 @@ def pad_to_square(img: Image.Image, fill: Fill = "edge") -> Image.Image:
     return canvas
 
 
-def preprocess(img: Image.Image, size: int, fill: Fill = "edge") -> Image.Image:
+def preprocess(img: Image.Image, size: int, fill: Fill = "edge", canonical=None) -> Image.Image:
     """Pad to square (see :func:`pad_to_square`), then resize to ``size`` x ``size``.
 
     Resizing is bicubic and antialiased (Pillow filters over the full source footprint when
-    shrinking). An image already ``size`` x ``size`` is returned as is.
+    shrinking). An image already ``size`` x ``size`` is returned as is. With ``canonical`` (a
+    :class:`~celluscan.data.canonical.CanonicalConfig` or its dict), the square is first
+    re-framed on the nucleus and the result's colour canonicalised (data.canonical).
     """
+    from celluscan.data.canonical import CanonicalConfig, apply_colour, reframe
+
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
+    canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
     sq = pad_to_square(img, fill)
-    if sq.size == (size, size):
-        return sq
-    return sq.resize((size, size), Image.Resampling.BICUBIC)
+    if canon.framing == "nucleus":
+        sq = reframe(sq, canon)
+    if sq.size != (size, size):
+        sq = sq.resize((size, size), Image.Resampling.BICUBIC)
+    return apply_colour(sq, canon.colour)
 
 
 class PadToSquare:
@@ -130,12 +137,13 @@ class PadToSquare:
 class Preprocess:
     """Callable form of :func:`preprocess` (picklable, for DataLoader workers)."""
 
-    def __init__(self, size: int, fill: Fill = "edge"):
+    def __init__(self, size: int, fill: Fill = "edge", canonical=None):
         self.size = size
         self.fill = fill
+        self.canonical = canonical
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return preprocess(img, self.size, self.fill)
+        return preprocess(img, self.size, self.fill, self.canonical)
 
     def __repr__(self) -> str:
         return f"Preprocess(size={self.size}, fill={self.fill!r})"

@@ -143,7 +143,8 @@ def _check_batch(paths: Sequence[Path], preprocessing: dict, n_synthetic: int = 
             img = load_image(p)
         except ImageLoadError:
             continue
-        arrays.append(np.asarray(preprocess(img, size, preprocessing.get("pad_fill", "edge"))))
+        arrays.append(np.asarray(preprocess(img, size, preprocessing.get("pad_fill", "edge"),
+                                             preprocessing.get("canonical"))))
     if arrays:
         normalise = EvalPreprocess(size, preprocessing["mean"], preprocessing["std"])
         return normalise(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)), "real"

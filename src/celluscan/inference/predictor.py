@@ -29,6 +29,7 @@ from PIL import Image
 
 from celluscan.data.batch_augment import EvalPreprocess
 from celluscan.data.imageio import ImageLimits, ImageLoadError, load_image
+from celluscan.data.canonical import CanonicalConfig
 from celluscan.data.transforms import preprocess
 from celluscan.inference.backends import (
     ExecutionPath,
@@ -238,6 +239,7 @@ class Predictor:
         prep = spec.preprocessing
         self.image_size = int(prep["image_size"])
         self.pad_fill = prep.get("pad_fill", "edge")
+        self.canonical = CanonicalConfig.from_dict(prep.get("canonical"))
         self.temperature = float(prep.get("temperature", 1.0))
         self.normalise = EvalPreprocess(self.image_size, prep["mean"], prep["std"])
         self.ood = OODScorer.from_config(spec.ood, spec.model_dir)
@@ -304,7 +306,8 @@ class Predictor:
 
     def prepare(self, img: Image.Image) -> np.ndarray:
         """PIL image -> padded, resized uint8 array (S, S, 3)."""
-        return np.asarray(preprocess(img.convert("RGB"), self.image_size, self.pad_fill), dtype=np.uint8)
+        return np.asarray(preprocess(img.convert("RGB"), self.image_size, self.pad_fill, self.canonical),
+                          dtype=np.uint8)
 
     def load_and_prepare(self, path: str | os.PathLike) -> np.ndarray:
         """Read an image file safely and :meth:`prepare` it; raises only ``ImageLoadError``."""

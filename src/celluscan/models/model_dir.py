@@ -123,6 +123,13 @@ def _check_preprocessing(prep: Mapping[str, Any], source: str | Path) -> dict[st
         problems.append(f"temperature must be a positive number, got {temp!r}")
     else:
         out["temperature"] = float(temp)
+    if out.get("canonical") is not None:
+        from celluscan.data.canonical import CanonicalConfig
+
+        try:
+            out["canonical"] = CanonicalConfig.from_dict(out["canonical"]).to_dict()
+        except (TypeError, ValueError) as e:
+            problems.append(f"canonical: {e}")
     if problems:
         raise ModelDirError(source, "bad preprocessing: " + "; ".join(problems))
     return out

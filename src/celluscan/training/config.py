@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from celluscan.data.batch_augment import AugmentConfig
+from celluscan.data.canonical import CanonicalConfig
 
 __all__ = [
     "ConfigError",
@@ -71,6 +72,11 @@ class DataConfig:
     """Images per class per epoch for ``sampler: balanced``; 0 = the largest class's count."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Batched on-device augmentation (data.batch_augment.AugmentConfig fields)."""
+    canonical: CanonicalConfig = field(default_factory=CanonicalConfig)
+    """Canonical framing/colour applied to every image before caching and, through the model's
+    preprocessing, at inference (data.canonical.CanonicalConfig fields, e.g.
+    ``{framing: nucleus, colour: grey, framing_scale: 3.0}``); the default is plain pad and
+    resize."""
 
 
 @dataclass

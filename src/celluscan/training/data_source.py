@@ -16,7 +16,7 @@ import torch
 
 from celluscan.taxonomy import CLASSES
 
-__all__ = ["SplitTensors", "TrainData", "load_train_data"]
+__all__ = ["SplitTensors", "TrainData", "load_train_data", "channel_stats"]
 
 
 @dataclass
@@ -52,6 +52,22 @@ class TrainData:
     class_names: tuple[str, ...] = CLASSES
     pad_fill: str = "edge"
     info: dict = field(default_factory=dict)
+    canonical: dict | None = None
+    """The data.canonical settings the images were preprocessed with (None: plain)."""
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0-1 scale) of uint8 images (N, 3, S, S)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i:i + chunk].to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(1e-8).sqrt()
+    return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
 
 
 def _split(cache, mask: torch.Tensor) -> SplitTensors:
@@ -60,8 +76,14 @@ def _split(cache, mask: torch.Tensor) -> SplitTensors:
 
 
 def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 1.0, seed: int = 0,
-                    cache_dir: str | Path | None = None, workers: int = 2) -> TrainData:
-    """Decode (or load the cached) dataset at ``size`` px and split it."""
+                    cache_dir: str | Path | None = None, workers: int = 2,
+                    canonical=None) -> TrainData:
+    """Decode (or load the cached) dataset at ``size`` px and split it.
+
+    With ``canonical`` (data.canonical settings) every image is canonicalised before caching,
+    and mean/std are recomputed on the canonicalised training split (the ingest's stats.json
+    describes the plain images)."""
+    from celluscan.data.canonical import CanonicalConfig
     from celluscan.data.datasets import read_manifest
     from celluscan.data.split import training_subset
     from celluscan.data.stats import read_stats
@@ -81,6 +103,7 @@ def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 
     fill = stats.get("pad_fill", "edge")
     cache = TensorCache.build(rows, size, dataset_dir=ddir, ingest_size=int(stats["image_size"]),
                               fill=fill if isinstance(fill, str) else "edge", workers=workers,
+                              canonical=canonical,
                               cache_dir=Path(cache_dir) if cache_dir else ddir / "cache")
     splits = cache.splits
     is_train = torch.tensor([s == "train" for s in splits])
@@ -97,8 +120,13 @@ def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 
         raise ValueError(f"{manifest}: need training and validation images, found "
                          f"{len(train)} train and {len(val)} val (after the subset)")
     test = _split(cache, is_test) if bool(is_test.any()) else None
+    canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+    mean, std = list(stats["mean"]), list(stats["std"])
+    if canon.active:
+        mean, std = channel_stats(train.images)
     return TrainData(
-        train=train, val=val, test=test, mean=list(stats["mean"]), std=list(stats["std"]),
+        train=train, val=val, test=test, mean=mean, std=std,
+        canonical=canon.to_dict() if canon.active else None,
         pad_fill=fill if isinstance(fill, str) else "edge",
         info={"dataset": str(ddir), "cache_size": size, "subset_fraction": subset_fraction,
               "train_images": len(train), "val_images": len(val),

@@ -197,9 +197,12 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def preprocessing(self, temperature: float = 1.0) -> dict:
-        return {"image_size": self.cfg.model.image_size, "pad_fill": self.data.pad_fill,
+        prep = {"image_size": self.cfg.model.image_size, "pad_fill": self.data.pad_fill,
                 "mean": [float(v) for v in self.data.mean], "std": [float(v) for v in self.data.std],
                 "temperature": float(temperature)}
+        if self.data.canonical:
+            prep["canonical"] = dict(self.data.canonical)
+        return prep
 
     # ------------------------------------------------------------------ evaluation
 

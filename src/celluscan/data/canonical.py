@@ -1,0 +1,230 @@
+"""Canonical views of a cell image: the same framing and colour whatever the lab.
+
+Other labs crop tightly (the white cell fills the frame) and stain and light differently
+(yellow or lavender backgrounds, brown or blue nuclei); our training sources each have their own
+look, and a from-scratch model learns those looks as class cues (issue 10). Two steps, applied
+identically at training (before the tensor cache) and at inference (inside ``preprocess``):
+
+* **framing** ``"nucleus"``: find the white cell's nucleus (the stained region nearest the
+  centre, see :func:`find_nucleus`) and crop a square canvas of ``framing_scale`` x the
+  nucleus size around it, padded with the background colour where it runs off the image.
+  A tight crop from another lab and a loose PBC crop then show the cell at the same scale.
+  This normalises the cell's *apparent* size away; the red cells around it (7-8 um in every
+  lab) still show the true scale wherever they are visible. When no nucleus is found (pale,
+  blank or nucleus-free images, e.g. some platelet crops) the image is kept as it is, padded
+  to a square: the documented fallback. The canvas is clamped to ``[min_canvas, max_canvas]``
+  x the image side, so one mis-detection cannot zoom absurdly.
+* **colour** ``"white_balance"``: divide each channel by the background colour (the median of
+  the brightest quarter of pixels), so every lab's background becomes white (von Kries
+  adaptation). ``"grey"``: white balance, then luminance stretched between the darkest
+  percentile and white, copied to three channels: no stain hue left to learn at all.
+
+Everything here is numpy + Pillow, deterministic, and works at any input resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "CanonicalConfig",
+    "background_colour",
+    "white_balance",
+    "to_grey",
+    "find_nucleus",
+    "Nucleus",
+    "reframe",
+    "apply_colour",
+]
+
+WORK_SIZE = 128
+"""Side (px) of the downscaled copy the nucleus is searched on."""
+
+
+@dataclass(frozen=True)
+class CanonicalConfig:
+    """How images are canonicalised before resizing (stored in a model's preprocessing)."""
+
+    framing: Literal["none", "nucleus"] = "none"
+    colour: Literal["none", "white_balance", "grey"] = "none"
+    framing_scale: float = 4.0
+    """Canvas side / nucleus size (sqrt of its area). Default: the median for our training
+    images, so a typical PBC crop keeps roughly its own framing (docs/data.md)."""
+    min_canvas: float = 0.5
+    max_canvas: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.framing not in ("none", "nucleus"):
+            raise ValueError(f"canonical framing must be 'none' or 'nucleus', got {self.framing!r}")
+        if self.colour not in ("none", "white_balance", "grey"):
+            raise ValueError(f"canonical colour must be 'none', 'white_balance' or 'grey', got {self.colour!r}")
+        if not (self.framing_scale > 0 and 0 < self.min_canvas <= self.max_canvas):
+            raise ValueError("canonical framing_scale must be > 0 and 0 < min_canvas <= max_canvas")
+
+    @property
+    def active(self) -> bool:
+        return self.framing != "none" or self.colour != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "CanonicalConfig":
+        if not d:
+            return cls()
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown canonical setting(s) {sorted(unknown)}")
+        return cls(**dict(d))
+
+    def key(self) -> str:
+        """A short stable string for cache digests ('' when inactive)."""
+        if not self.active:
+            return ""
+        return (f"{self.framing}:{self.colour}:{self.framing_scale:g}:"
+                f"{self.min_canvas:g}:{self.max_canvas:g}")
+
+
+def _float_rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def background_colour(arr: np.ndarray) -> np.ndarray:
+    """Per-channel median of the brightest quarter of pixels (H, W, 3 floats in 0-1)."""
+    flat = arr.reshape(-1, 3)
+    lum = flat @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    cut = np.quantile(lum, 0.75)
+    bright = flat[lum >= cut]
+    return np.median(bright, axis=0)
+
+
+def white_balance(arr: np.ndarray, bg: np.ndarray | None = None) -> np.ndarray:
+    """Divide each channel by the background colour (clamped so dark images are not blown up)."""
+    bg = background_colour(arr) if bg is None else bg
+    return np.clip(arr / np.maximum(bg, 0.25), 0.0, 1.0)
+
+
+def to_grey(arr: np.ndarray) -> np.ndarray:
+    """White-balanced luminance stretched from its 1st percentile to white, as (H, W, 3)."""
+    lum = white_balance(arr) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    lo = float(np.quantile(lum, 0.01))
+    lum = np.clip((lum - lo) / max(1.0 - lo, 0.05), 0.0, 1.0)
+    return np.repeat(lum[..., None], 3, axis=2)
+
+
+def apply_colour(img: Image.Image, mode: str) -> Image.Image:
+    """Colour step of :class:`CanonicalConfig` on an RGB image."""
+    if mode == "none":
+        return img
+    arr = _float_rgb(img)
+    out = white_balance(arr) if mode == "white_balance" else to_grey(arr) if mode == "grey" else None
+    if out is None:
+        raise ValueError(f"unknown canonical colour {mode!r}")
+    return Image.fromarray((out * 255.0 + 0.5).astype(np.uint8), "RGB")
+
+
+def _otsu(values: np.ndarray, bins: int = 64) -> float:
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out2 = out.copy()
+    out2[:, 1:] |= out[:, :-1]
+    out2[:, :-1] |= out[:, 1:]
+    return out2
+
+
+@dataclass(frozen=True)
+class Nucleus:
+    """Where the nucleus is, in the coordinates of the (square) image it was found in."""
+
+    cx: float
+    cy: float
+    size: float
+    """sqrt(area) in pixels."""
+
+
+MIN_NUCLEUS_OD = 0.35
+"""Stain strength (optical density in the red channel, white-balanced) below which nothing
+counts as nucleus, however the Otsu split falls: pale or blank images have none."""
+
+
+def find_nucleus(img: Image.Image) -> Nucleus | None:
+    """The stained region nearest the image centre, or None.
+
+    Nuclei absorb red light strongly in every Romanowsky-type stain (purple, blue or brown),
+    red cells and background do not, so after white balance the red-channel optical density
+    separates them (Otsu threshold, floored at :data:`MIN_NUCLEUS_OD`). The region is grown from
+    the centre through a slightly dilated mask, so the lobes of a segmented nucleus stay one
+    region; its area gives the size and its centroid the centre.
+    """
+    w, h = img.size
+    scale = max(1.0, max(w, h) / WORK_SIZE)
+    small = img.convert("RGB")
+    if scale > 1:
+        small = small.resize((max(1, round(w / scale)), max(1, round(h / scale))), Image.Resampling.BILINEAR)
+    sw, sh = small.size
+    arr = white_balance(_float_rgb(small))
+    od = -np.log(np.clip(arr[..., 0], 1e-3, 1.0))
+    if float(od.max()) < MIN_NUCLEUS_OD:
+        return None
+    mask = od >= max(_otsu(od.ravel()), MIN_NUCLEUS_OD)
+    yy, xx = np.mgrid[0:sh, 0:sw]
+    dist = np.hypot(xx - (sw - 1) / 2, yy - (sh - 1) / 2)
+    side = max(sw, sh)
+    seed = mask & (dist <= 0.12 * side)
+    if not seed.any():
+        near = mask & (dist <= 0.3 * side)
+        if not near.any():
+            return None
+        seed = np.zeros_like(mask)
+        seed.flat[int(np.argmin(np.where(near, dist, np.inf)))] = True
+    grown_mask = _dilate(_dilate(mask))
+    region = seed
+    for _ in range(4 * side):
+        nxt = _dilate(region) & grown_mask
+        if nxt.sum() == region.sum():
+            break
+        region = nxt
+    region &= mask
+    area = int(region.sum())
+    if area < 4:
+        return None
+    cy, cx = (float(v.mean()) for v in np.nonzero(region))
+    return Nucleus(cx=cx * scale, cy=cy * scale, size=float(np.sqrt(area)) * scale)
+
+
+def reframe(img: Image.Image, cfg: CanonicalConfig) -> Image.Image:
+    """Square canvas of ``cfg.framing_scale`` x nucleus size centred on the nucleus (see the
+    module docstring); ``img`` should already be square. Unchanged when no nucleus is found."""
+    img = img.convert("RGB")
+    nucleus = find_nucleus(img)
+    if nucleus is None:
+        return img
+    side_in = max(img.size)
+    side = cfg.framing_scale * nucleus.size
+    side = int(round(min(max(side, cfg.min_canvas * side_in), cfg.max_canvas * side_in)))
+    left = int(round(nucleus.cx - side / 2))
+    top = int(round(nucleus.cy - side / 2))
+    w, h = img.size
+    if left >= 0 and top >= 0 and left + side <= w and top + side <= h:
+        return img.crop((left, top, left + side, top + side))
+    bg = background_colour(_float_rgb(img))
+    canvas = Image.new("RGB", (side, side), tuple(int(round(v * 255)) for v in bg))
+    canvas.paste(img, (-left, -top))
+    return canvas

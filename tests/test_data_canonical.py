@@ -1,0 +1,156 @@
+"""Canonical framing and colour (data.canonical): nucleus search, re-framing, white balance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from celluscan.data.canonical import (
+    CanonicalConfig,
+    apply_colour,
+    background_colour,
+    find_nucleus,
+    reframe,
+    white_balance,
+)
+from celluscan.data.tensor_cache import TensorCache
+from celluscan.data.transforms import preprocess
+
+YELLOW_BG = (235, 215, 150)
+PBC_BG = (230, 215, 225)
+NUCLEUS = (80, 40, 130)  # purple: absorbs red light
+RED_CELL = (215, 150, 160)  # pink: mostly absorbs green
+
+
+def smear(side: int, bg, nucleus_xy, nucleus_r: float, red_cells=(), lobes: bool = False) -> Image.Image:
+    """A synthetic smear crop: background, pink red cells, a purple nucleus (optionally two lobes)."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    arr = np.empty((side, side, 3), np.float32)
+    arr[:] = bg
+    for (x, y, r) in red_cells:
+        arr[(xx - x) ** 2 + (yy - y) ** 2 <= r * r] = RED_CELL
+    cx, cy = nucleus_xy
+    if lobes:  # two lobes joined by a thin bridge, like a band / segmented nucleus
+        for dx in (-nucleus_r * 0.6, nucleus_r * 0.6):
+            arr[(xx - cx - dx) ** 2 + (yy - cy) ** 2 <= (nucleus_r * 0.55) ** 2] = NUCLEUS
+    else:
+        arr[(xx - cx) ** 2 + (yy - cy) ** 2 <= nucleus_r ** 2] = NUCLEUS
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def test_config_validates_and_round_trips():
+    cfg = CanonicalConfig(framing="nucleus", colour="grey", framing_scale=3.0)
+    assert CanonicalConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.active and not CanonicalConfig().active
+    assert CanonicalConfig().key() == "" and cfg.key() != CanonicalConfig(framing="nucleus").key()
+    with pytest.raises(ValueError, match="framing"):
+        CanonicalConfig(framing="cell")
+    with pytest.raises(ValueError, match="colour"):
+        CanonicalConfig(colour="sepia")
+    with pytest.raises(ValueError, match="unknown canonical"):
+        CanonicalConfig.from_dict({"framing": "nucleus", "zoom": 2})
+
+
+@pytest.mark.parametrize("side, r", [(360, 30), (240, 45), (120, 40)])
+def test_find_nucleus_locates_an_off_centre_nucleus(side, r):
+    cx, cy = side * 0.55, side * 0.45
+    img = smear(side, PBC_BG, (cx, cy), r, red_cells=[(side * 0.15, side * 0.2, side * 0.08),
+                                                      (side * 0.85, side * 0.8, side * 0.08)])
+    nuc = find_nucleus(img)
+    assert nuc is not None
+    assert abs(nuc.cx - cx) < side * 0.02 and abs(nuc.cy - cy) < side * 0.02
+    assert nuc.size == pytest.approx(np.sqrt(np.pi) * r, rel=0.12)
+
+
+def test_find_nucleus_keeps_lobes_together():
+    img = smear(200, PBC_BG, (100, 100), 30, lobes=True)
+    nuc = find_nucleus(img)
+    one_lobe = np.sqrt(np.pi) * 30 * 0.55
+    assert nuc is not None and nuc.size > 1.3 * one_lobe  # both lobes counted
+    assert abs(nuc.cx - 100) < 4
+
+
+def test_find_nucleus_none_on_blank_or_pale_images():
+    assert find_nucleus(Image.new("RGB", (100, 100), PBC_BG)) is None
+    pale = smear(100, (240, 240, 240), (50, 50), 20)
+    pale = Image.blend(pale, Image.new("RGB", (100, 100), (240, 240, 240)), 0.9)
+    assert find_nucleus(pale) is None
+
+
+def test_reframe_makes_tight_and_loose_crops_alike():
+    """The same cell, once loosely framed (PBC-like) and once cropped tightly (other labs),
+    comes out at the same relative scale."""
+    loose = smear(360, PBC_BG, (180, 180), 40)
+    tight = smear(110, YELLOW_BG, (55, 55), 40)
+    cfg = CanonicalConfig(framing="nucleus", framing_scale=3.0)
+    a, b = reframe(loose, cfg), reframe(tight, cfg)
+    expected = 3.0 * np.sqrt(np.pi) * 40
+    assert a.size[0] == pytest.approx(expected, rel=0.12)
+    assert b.size[0] == pytest.approx(expected, rel=0.12)
+    # the tight crop ran off its image: the canvas is filled with its own background colour
+    assert np.abs(np.asarray(b)[0, 0].astype(int) - YELLOW_BG).max() <= 2
+
+
+def test_reframe_clamps_and_falls_back():
+    cfg = CanonicalConfig(framing="nucleus", framing_scale=50.0, max_canvas=2.0)
+    img = smear(100, PBC_BG, (50, 50), 10)
+    assert reframe(img, cfg).size == (200, 200)  # clamped at max_canvas x side
+    blank = Image.new("RGB", (80, 80), PBC_BG)
+    assert reframe(blank, cfg).size == (80, 80)  # no nucleus: unchanged
+
+
+def test_white_balance_makes_any_background_white():
+    img = smear(120, YELLOW_BG, (60, 60), 20)
+    arr = np.asarray(img, np.float32) / 255
+    bg = background_colour(arr)
+    assert np.allclose(bg * 255, YELLOW_BG, atol=2)
+    out = np.asarray(apply_colour(img, "white_balance"), np.float32)
+    assert out[0, 0].min() >= 252
+    nucleus = out[60, 60]
+    assert nucleus[2] > nucleus[0]  # still blue-ish relative to red after the correction
+    assert np.allclose(white_balance(arr, bg)[0, 0], 1.0, atol=0.01)
+
+
+def test_grey_has_no_hue_and_keeps_the_nucleus_dark():
+    out = np.asarray(apply_colour(smear(120, YELLOW_BG, (60, 60), 20), "grey"))
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert out[60, 60, 0] < 40 and out[0, 0, 0] > 240
+    with pytest.raises(ValueError):
+        apply_colour(Image.new("RGB", (4, 4)), "sepia")
+
+
+def test_preprocess_applies_the_canonical_steps():
+    img = smear(300, YELLOW_BG, (150, 150), 35)
+    plain = preprocess(img, 64)
+    assert preprocess(img, 64, canonical=CanonicalConfig()).tobytes() == plain.tobytes()
+    canon = preprocess(img, 64, canonical={"framing": "nucleus", "colour": "grey", "framing_scale": 3.0})
+    assert canon.size == (64, 64)
+    arr = np.asarray(canon)
+    assert (arr[..., 0] == arr[..., 2]).all()
+    # the nucleus now spans about 1/3 of the output instead of 1/6
+    dark = (arr[..., 0] < 100).sum()
+    assert dark == pytest.approx(np.pi * (64 / 3 / np.sqrt(np.pi)) ** 2, rel=0.2)
+
+
+def test_tensor_cache_keeps_canonical_variants_apart(tmp_path):
+    from types import SimpleNamespace
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"c{i}.png"
+        smear(90, PBC_BG, (45, 45), 12 + i).save(p)
+        paths.append(p)
+    rows = [SimpleNamespace(path=str(p), label="lymphocyte", split="train", sha256=f"k{i}", source="s")
+            for i, p in enumerate(paths)]
+    cache_dir = tmp_path / "cache"
+    plain = TensorCache.build(rows, 32, workers=1, progress=False, cache_dir=cache_dir)
+    canon_cfg = CanonicalConfig(framing="nucleus", framing_scale=3.0)
+    canon = TensorCache.build(rows, 32, workers=1, progress=False, cache_dir=cache_dir, canonical=canon_cfg)
+    assert not torch.equal(plain.images, canon.images)
+    assert len(list(cache_dir.glob("tensors_32*.npy"))) == 2
+    again = TensorCache.build(rows, 32, workers=1, progress=False, cache_dir=cache_dir, canonical=canon_cfg)
+    assert torch.equal(again.images, canon.images)
+    expected = np.asarray(preprocess(Image.open(paths[1]), 32, canonical=canon_cfg)).transpose(2, 0, 1)
+    assert np.array_equal(canon.images[1].numpy(), expected)
