@@ -13,6 +13,8 @@ shift || true
 CONFIGS=("$@"); [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(configs/ablation/*.yaml)
 PARALLEL=${PARALLEL:-${#CONFIGS[@]}}; [ "$PARALLEL" -le 6 ] || PARALLEL=6
 ABL=/tmp/abl
+# the carried copy may come as one tar (many small files cost more of the transfer limit)
+[ -d datasets/blood-cells-160 ] || [ ! -f datasets/blood-cells-160.tar ] || tar xf datasets/blood-cells-160.tar -C datasets
 DEV=auto
 {
   date; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
