@@ -30,12 +30,14 @@ for path in sys.argv[1:]:
                         canonical=cfg.data.canonical)
     print('cache ok', path, len(d.train), len(d.val), len(d.test), flush=True)
 PY
-  if ! timeout 150 python3 -m celluscan train --config "${CONFIGS[0]}" --out /tmp/smoke \
+  # SMOKE=0 skips the CUDA smoke test; PROBE=0 EPOCHS=N trains N epochs without the timing probe
+  if [ "${SMOKE:-1}" = 1 ] && ! timeout 150 python3 -m celluscan train --config "${CONFIGS[0]}" --out /tmp/smoke \
       --set data.dataset=datasets/blood-cells-160 model.name=vit_test model.image_size=32 train.epochs=1 data.subset_fraction=0.05; then
     echo "CUDA smoke test failed: falling back to the CPU"; DEV=cpu
   fi
   python3 scripts/ablation.py "${CONFIGS[@]}" --dataset datasets/blood-cells-160 --out $ABL \
-      --budget-min "$BUDGET" --parallel "$PARALLEL" --probe --finish-reserve-s 50 --set device=$DEV
+      --budget-min "$BUDGET" --parallel "$PARALLEL" $([ "${PROBE:-1}" = 1 ] && echo --probe) \
+      --finish-reserve-s 50 --set device=$DEV ${EPOCHS:+train.epochs=$EPOCHS}
   date
 } 2>&1 | tee "$OUT/log.txt"
 python3 - "$ABL" "$OUT" <<'PY'
