@@ -4,7 +4,7 @@
 
 `celluscan train` does this itself at the end of a run (eval.fit_ood); this script is for a
 model directory trained without it. Features of the training split fit the detector, the
-validation split sets the threshold (5% of its images flagged). External images are never used.
+validation split sets the threshold (4% of its images flagged, under the 5% ceiling). External images are never used.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def main() -> int:
     args = ap.parse_args()
 
     from celluscan.data.batch_augment import EvalPreprocess
-    from celluscan.evaluation.ood import fit_detector, save_ood
+    from celluscan.evaluation.ood import OOD_VAL_FLAG_RATE, fit_detector, save_ood
     from celluscan.models import load_model_dir
     from celluscan.training.data_source import load_train_data
 
     model, info = load_model_dir(args.model_dir)
     prep = info.preprocessing
-    data = load_train_data(args.dataset, args.cache_size)
+    data = load_train_data(args.dataset, args.cache_size, canonical=prep.get("canonical"))
     pre = EvalPreprocess(prep["image_size"], prep["mean"], prep["std"])
     model.set_fused_attn(False)
 
@@ -56,9 +56,9 @@ def main() -> int:
         rows = [r for r in read_manifest(args.dataset / "manifest.csv") if r.split == "val"]
         predictor = Predictor.from_model_dir(args.model_dir)
         scores = [p.unfamiliar_score for p in predictor.predict_images([load_image(r.path) for r in rows])]
-        stats.threshold = choose_threshold(torch.tensor(scores), 0.05)
+        stats.threshold = choose_threshold(torch.tensor(scores), OOD_VAL_FLAG_RATE)
         save_ood(args.model_dir, stats, {"fitted_on": "train", "threshold_from": "val (predictor path)",
-                                         "max_flag_rate": 0.05})
+                                         "max_flag_rate": OOD_VAL_FLAG_RATE})
     print(f"{args.model_dir}: unfamiliar threshold {stats.threshold:.2f}")
     return 0
 

