@@ -56,9 +56,11 @@ SAMPLES = REPO / "src" / "celluscan" / "assets" / "samples"
 OUR_PATHS = ("fp32-eager", "fp32-fused", "bf16-explicit", "bf16-fused", "bf16-explicit-jit",
              "bf16-fused-jit", "onnx-fp32", "onnx-int8")
 BF16_WEIGHTS_PATHS = ("bf16w-explicit", "bf16w-fused")  # --bf16-weights: the design alternative
+DEFAULT_PATHS = ("fp32-eager", "auto", "bf16-explicit-jit", "onnx-fp32", "onnx-int8")  # the shipped model
 FAST_PATHS = ("fp32-fused", "bf16-explicit", "bf16-fused", "bf16-explicit-jit", "bf16-fused-jit",
               "onnx-fp32", "onnx-int8")
 TARGET_SPEEDUP, TARGET_PEAK, TARGET_E2E, TARGET_AGREEMENT = 3.5, 0.70, 1.5, 0.995
+TARGET_DEFAULT_SPEEDUP = 3.0  # the shipped model's best path vs its own fp32 eager
 
 
 # ================================================================================================
@@ -256,6 +258,21 @@ def prepare_models(tmp: Path, with_onnx: bool = True) -> tuple[Path, Path | None
     return model_dir, onnx_path
 
 
+def export_default(tmp: Path) -> Path | None:
+    """ONNX exports (fp32 + int8) of the shipped model, for its ONNX paths."""
+    from celluscan.inference.export import export_onnx
+
+    default = default_model_dir()
+    if default is None:
+        return None
+    onnx_path = tmp / "default" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    log("exporting the shipped model to ONNX ...")
+    log(export_onnx(default, onnx_path).summary())
+    log(export_onnx(default, int8_path_for(onnx_path), int8=True).summary())
+    return onnx_path
+
+
 def int8_path_for(onnx_path: Path) -> Path:
     return onnx_path.with_suffix(".int8.onnx")
 
@@ -272,16 +289,19 @@ def repeats_for(batch: int, quick: bool, repeats: int | None) -> int:
     return (3 if batch >= 32 else 5) if not quick else 3
 
 
-def throughput_suite(args, model_dir: Path, onnx_path: Path) -> list[dict]:
+def throughput_suite(args, model_dir: Path, onnx_path: Path, default_onnx: Path | None = None) -> list[dict]:
     batches = [1, 8] if args.quick else args.batch_sizes
     baseline = {"model": "torchvision", "path": "fp32-eager"}
     configs = [baseline]
     paths = OUR_PATHS + (BF16_WEIGHTS_PATHS if args.bf16_weights else ())
     configs += [{"model": "vit_b_16", "path": p, "model_dir": str(model_dir), "onnx": str(onnx_path)}
                 for p in paths]
+    if "vit_b_16" not in args.models:
+        configs = [baseline]
     default = default_model_dir()
-    if default is not None:
-        configs += [{"model": "default", "path": p, "model_dir": str(default)} for p in ("fp32-eager", "auto")]
+    if default is not None and "default" in args.models:
+        configs += [{"model": "default", "path": p, "model_dir": str(default), "onnx": str(default_onnx)}
+                    for p in DEFAULT_PATHS if default_onnx is not None or not p.startswith("onnx")]
     results = []
     for batch in batches:
         # the baseline runs first and again last at each batch size, so a drift in background
@@ -310,7 +330,9 @@ def summarise(results: list[dict], peak: dict) -> tuple[str, dict]:
         if r["model"] == "torchvision" and "img_s" in r:
             runs.setdefault(r["batch"], []).append(r["img_s"])
     baseline = {b: statistics.mean(v) for b, v in runs.items()}
-    lines = ["| model | path | batch | img/s (median) | img/s (best) | x baseline | GFLOP/s | % fp32 peak "
+    default_eager = {r["batch"]: r["img_s"] for r in results
+                     if r["model"] == "default" and r["path"] == "fp32-eager" and "img_s" in r}
+    lines = ["| model | path | batch | img/s (median) | img/s (best) | x baseline (default: x own fp32) | GFLOP/s | % fp32 peak "
              "| % bf16 peak | load avg |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -318,12 +340,23 @@ def summarise(results: list[dict], peak: dict) -> tuple[str, dict]:
             lines.append(f"| {r['model']} | {r['path']} | {r['batch']} | error: {r['error']} | | | | | | |")
             continue
         gflops = r["img_s"] * r["gflop_per_img"]
-        ratio = r["img_s"] / baseline[r["batch"]] if r["batch"] in baseline and r["model"] != "default" else float("nan")
+        if r["model"] == "default":  # the shipped model: against its own fp32 eager at this batch
+            ratio = r["img_s"] / default_eager[r["batch"]] if r["batch"] in default_eager else float("nan")
+        else:
+            ratio = r["img_s"] / baseline[r["batch"]] if r["batch"] in baseline else float("nan")
         lines.append(f"| {r['model']} | {r['path_name']} | {r['batch']} | {r['img_s']:.2f} | {r['img_s_best']:.2f} | "
                      f"{ratio:.2f} | {gflops:.0f} | {100 * gflops / peak['fp32']:.0f}% | "
                      f"{100 * gflops / peak['bf16']:.0f}% | {r['loadavg']:.1f} |")
     ours = [r for r in results if r["model"] == "vit_b_16" and "img_s" in r]
     checks: dict = {}
+    shipped = [r for r in results if r["model"] == "default" and "img_s" in r]
+    for b in sorted({r["batch"] for r in shipped}):
+        eager = [r["img_s"] for r in shipped if r["batch"] == b and r["path"] == "fp32-eager"]
+        others = [r for r in shipped if r["batch"] == b and r["path"] != "fp32-eager"]
+        if eager and others:
+            top = max(others, key=lambda r: r["img_s"])
+            checks[f"default_speedup_batch_{b}"] = {"path": top["path_name"], "ratio": top["img_s"] / eager[0],
+                                                    "target": TARGET_DEFAULT_SPEEDUP}
     if not (ours and baseline):
         return "\n".join(lines), checks
     bf16 = [r for r in ours if r["path_name"].startswith("bf16")]
@@ -534,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="batches 1 and 8 only, 3 repeats")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--models", nargs="+", choices=["vit_b_16", "default"], default=["vit_b_16", "default"],
+                    help="which throughput groups to run besides the torchvision baseline")
     ap.add_argument("--repeats", type=int, default=None, help="timed batches per config (default 5, 3 at batch 32)")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput suite")
     ap.add_argument("--bf16-weights", action="store_true",
@@ -568,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_throughput:
             peak_start = run_worker("matmul", {})
             log(f"matmul peak: fp32 {peak_start['fp32']:.0f} GFLOP/s, bf16 {peak_start['bf16']:.0f} GFLOP/s")
-            rows = throughput_suite(args, model_dir, onnx_path)
+            default_onnx = export_default(Path(tmp)) if "default" in args.models else None
+            rows = throughput_suite(args, model_dir, onnx_path, default_onnx)
             peak_end = run_worker("matmul", {})
             log(f"matmul peak (end): fp32 {peak_end['fp32']:.0f} GFLOP/s, bf16 {peak_end['bf16']:.0f} GFLOP/s")
             peak = {k: max(peak_start[k], peak_end[k]) for k in ("fp32", "bf16")}

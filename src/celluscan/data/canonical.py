@@ -157,6 +157,8 @@ class Nucleus:
     cy: float
     size: float
     """sqrt(area) in pixels."""
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """The image's background colour (0-1 RGB), estimated on the downscaled search copy."""
 
 
 MIN_NUCLEUS_OD = 0.35
@@ -179,7 +181,9 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     if scale > 1:
         small = small.resize((max(1, round(w / scale)), max(1, round(h / scale))), Image.Resampling.BILINEAR)
     sw, sh = small.size
-    arr = white_balance(_float_rgb(small))
+    small_arr = _float_rgb(small)
+    bg = background_colour(small_arr)
+    arr = white_balance(small_arr, bg)
     od = -np.log(np.clip(arr[..., 0], 1e-3, 1.0))
     if float(od.max()) < MIN_NUCLEUS_OD:
         return None
@@ -206,7 +210,8 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     if area < 4:
         return None
     cy, cx = (float(v.mean()) for v in np.nonzero(region))
-    return Nucleus(cx=cx * scale, cy=cy * scale, size=float(np.sqrt(area)) * scale)
+    return Nucleus(cx=cx * scale, cy=cy * scale, size=float(np.sqrt(area)) * scale,
+                   background=tuple(float(v) for v in bg))
 
 
 def reframe(img: Image.Image, cfg: CanonicalConfig) -> Image.Image:
@@ -224,7 +229,6 @@ def reframe(img: Image.Image, cfg: CanonicalConfig) -> Image.Image:
     w, h = img.size
     if left >= 0 and top >= 0 and left + side <= w and top + side <= h:
         return img.crop((left, top, left + side, top + side))
-    bg = background_colour(_float_rgb(img))
-    canvas = Image.new("RGB", (side, side), tuple(int(round(v * 255)) for v in bg))
+    canvas = Image.new("RGB", (side, side), tuple(int(round(v * 255)) for v in nucleus.background))
     canvas.paste(img, (-left, -top))
     return canvas
