@@ -13,7 +13,7 @@ from PIL import Image
 
 from celluscan.cli import main
 from celluscan.inference import Predictor
-from celluscan.inference.export import export_onnx, read_onnx_metadata
+from celluscan.inference.export import activation_matmuls, export_onnx, read_onnx_metadata
 from celluscan.models import load_model_dir
 from celluscan.taxonomy import CLASSES
 from test_inference_support import PREPROCESSING, make_model_dir, write_images
@@ -82,6 +82,10 @@ def test_int8_export_reports_agreement_and_runs(exported, tmp_path):
     assert report.int8_max_abs_diff is not None and "agreement" in report.summary()
     graph = onnx.load(str(out))
     assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in graph.graph.node)
+    # weight MatMuls are quantised; attention's QK^T / AV stay fp32 MatMuls, convolutions fp32
+    plain = [n for n in graph.graph.node if n.op_type == "MatMul"]
+    assert plain and all(n.name in activation_matmuls(graph) for n in plain)
+    assert not any(n.op_type == "ConvInteger" for n in graph.graph.node)
     predictor = Predictor.from_model_dir(out)
     assert predictor.path_name == "onnx-int8"
     assert len(predictor.predict_images([Image.open(images[0])])) == 1
