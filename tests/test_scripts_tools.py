@@ -1,0 +1,51 @@
+"""The helper scripts that ship with the repo: scripts/fit_ood.py and bench/app_latency.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_training_support import make_dataset, tiny_config
+
+from celluscan.models import load_model_dir
+from celluscan.training.config import config_from_dict
+from celluscan.training.data_source import load_train_data
+from celluscan.training.engine import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fit_ood_refits_a_canonical_model_through_the_predictor(tmp_path):
+    dataset = make_dataset(tmp_path / "ds")
+    canonical = {"framing": "nucleus", "colour": "none", "framing_scale": 3.0}
+    data = load_train_data(dataset, 32, workers=1, canonical=canonical)
+    cfg = config_from_dict(tiny_config(dataset, **{"train.epochs": 1, "data.canonical": canonical,
+                                                   "eval.fit_ood": False})).validate()
+    Trainer(cfg, tmp_path / "run", data, log=lambda _m: None).fit()
+    model_dir = tmp_path / "run" / "model"
+    assert not (model_dir / "ood.safetensors").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fit_ood.py"), str(model_dir), "--dataset",
+                           str(dataset), "--cache-size", "32", "--predictor-threshold"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unfamiliar threshold" in proc.stdout
+    _, info = load_model_dir(model_dir)
+    ood = info.metadata["ood"]
+    assert ood["threshold_from"] == "val (predictor path)" and ood["max_flag_rate"] == pytest.approx(0.04)
+    assert (model_dir / "ood.safetensors").is_file()
+
+
+def test_app_latency_bench_runs_and_reports(tmp_path):
+    pytest.importorskip("fastapi")
+    out = tmp_path / "latency.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "app_latency.py"), "--requests", "3", "--warmup",
+                           "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["requests"] == 3
+    assert 0 < result["predictor_ms"]["p50"] and 0 < result["api_ms"]["p50"]
+    assert "p50" in proc.stdout
