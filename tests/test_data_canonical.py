@@ -176,3 +176,34 @@ def test_predictor_applies_the_models_canonical_preprocessing(tmp_path):
         save_model_dir(create_model("vit_test"), tmp_path / "bad", CLASSES,
                        {**prep, "canonical": {"framing": "cell"}}, {})
         load_model_dir(tmp_path / "bad")
+
+
+def test_preprocess_view_locates_what_the_model_sees():
+    from celluscan.data.transforms import preprocess_view, square_view
+
+    assert square_view(60, 40) == (0, -10, 60)  # padded top and bottom
+    assert square_view(363, 360) == (1, 0, 360)  # near-square: cropped
+    assert square_view(50, 50) == (0, 0, 50)
+    img = smear(300, PBC_BG, (170, 140), 35)
+    assert preprocess_view(img) == (0, 0, 300)
+    left, top, side = preprocess_view(img, {"framing": "nucleus", "framing_scale": 3.0})
+    assert side == pytest.approx(3.0 * np.sqrt(np.pi) * 35, rel=0.12)
+    assert left + side / 2 == pytest.approx(170, abs=3) and top + side / 2 == pytest.approx(140, abs=3)
+
+
+def test_explanation_of_a_reframed_image_lies_on_the_region_the_model_saw(tmp_path):
+    from celluscan.data.transforms import preprocess_view
+    from celluscan.inference.predictor import Predictor
+    from celluscan.models import create_model, save_model_dir
+    from celluscan.taxonomy import CLASSES
+
+    canon = {"framing": "nucleus", "colour": "none", "framing_scale": 3.0}
+    save_model_dir(create_model("vit_test"), tmp_path / "m", CLASSES,
+                   {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "canonical": canon}, {})
+    img = smear(300, PBC_BG, (200, 110), 30)  # nucleus off-centre: the canvas is a sub-square
+    heat = Predictor.from_model_dir(tmp_path / "m").explain(img)
+    assert heat.shape == (300, 300)
+    left, top, side = preprocess_view(img, canon)
+    inside = np.zeros_like(heat, dtype=bool)
+    inside[max(0, top):top + side, max(0, left):left + side] = True
+    assert heat[~inside].max() == 0.0 and heat[inside].max() == pytest.approx(1.0)

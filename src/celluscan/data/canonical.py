@@ -38,6 +38,7 @@ __all__ = [
     "find_nucleus",
     "Nucleus",
     "reframe",
+    "reframe_box",
     "apply_colour",
 ]
 
@@ -214,18 +215,26 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
                    background=tuple(float(v) for v in bg))
 
 
+def reframe_box(img: Image.Image, cfg: CanonicalConfig) -> tuple[tuple[int, int, int], Nucleus] | None:
+    """``((left, top, side), nucleus)``: the square canvas :func:`reframe` cuts from ``img`` (it
+    may run off the image), or None when no nucleus is found."""
+    nucleus = find_nucleus(img)
+    if nucleus is None:
+        return None
+    side_in = max(img.size)
+    side = cfg.framing_scale * nucleus.size
+    side = int(round(min(max(side, cfg.min_canvas * side_in), cfg.max_canvas * side_in)))
+    return (int(round(nucleus.cx - side / 2)), int(round(nucleus.cy - side / 2)), side), nucleus
+
+
 def reframe(img: Image.Image, cfg: CanonicalConfig) -> Image.Image:
     """Square canvas of ``cfg.framing_scale`` x nucleus size centred on the nucleus (see the
     module docstring); ``img`` should already be square. Unchanged when no nucleus is found."""
     img = img.convert("RGB")
-    nucleus = find_nucleus(img)
-    if nucleus is None:
+    found = reframe_box(img, cfg)
+    if found is None:
         return img
-    side_in = max(img.size)
-    side = cfg.framing_scale * nucleus.size
-    side = int(round(min(max(side, cfg.min_canvas * side_in), cfg.max_canvas * side_in)))
-    left = int(round(nucleus.cx - side / 2))
-    top = int(round(nucleus.cy - side / 2))
+    (left, top, side), nucleus = found
     w, h = img.size
     if left >= 0 and top >= 0 and left + side <= w and top + side <= h:
         return img.crop((left, top, left + side, top + side))

@@ -33,6 +33,8 @@ __all__ = [
     "resolve_fill",
     "pad_to_square",
     "preprocess",
+    "preprocess_view",
+    "square_view",
     "PadToSquare",
     "Preprocess",
     "RandomRotate",
@@ -98,6 +100,34 @@ def pad_to_square(img: Image.Image, fill: Fill = "edge") -> Image.Image:
     canvas = Image.new("RGB", (side, side), resolve_fill(img, fill))
     canvas.paste(img, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+def square_view(width: int, height: int) -> tuple[int, int, int]:
+    """``(left, top, side)``: where :func:`pad_to_square`'s square lies in the original image's
+    coordinates (negative offsets where it pads, positive where it crops a near-square image)."""
+    if width == height:
+        return 0, 0, width
+    if abs(width - height) <= NEAR_SQUARE_CROP * max(width, height):
+        side = min(width, height)
+        return (width - side) // 2, (height - side) // 2, side
+    side = max(width, height)
+    return -((side - width) // 2), -((side - height) // 2), side
+
+
+def preprocess_view(img: Image.Image, canonical=None) -> tuple[int, int, int]:
+    """``(left, top, side)``: the square region of ``img`` (original coordinates, possibly
+    running off the image) that :func:`preprocess` turns into the model input. Explanations use
+    it to lay attention maps back over the original image."""
+    from celluscan.data.canonical import CanonicalConfig, reframe_box
+
+    left, top, side = square_view(*img.size)
+    canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+    if canon.framing == "nucleus":
+        found = reframe_box(pad_to_square(img), canon)
+        if found is not None:
+            (l, t, s), _ = found
+            return left + l, top + t, s
+    return left, top, side
 
 
 def preprocess(img: Image.Image, size: int, fill: Fill = "edge", canonical=None) -> Image.Image:

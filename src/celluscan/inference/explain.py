@@ -58,13 +58,18 @@ def _normalise01(x: np.ndarray) -> np.ndarray:
     return ((x - lo) / (hi - lo)).astype(np.float32)
 
 
-def rollout_heatmap(model: torch.nn.Module, x: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+def rollout_heatmap(model: torch.nn.Module, x: torch.Tensor, image_size: tuple[int, int],
+                    view: tuple[int, int, int] | None = None) -> np.ndarray:
     """Attention-rollout heatmap (H, W) in [0, 1] over the original image.
 
-    ``x`` is the model input for one image (1, 3, S, S), preprocessed exactly as for prediction
-    (the (W, H) = ``image_size`` image padded to a centred square, then resized). The patch
-    grid is upsampled to the padded square and the padding cropped away again.
+    ``x`` is the model input for one image (1, 3, S, S), preprocessed exactly as for prediction.
+    ``view`` = ``(left, top, side)`` is the square region of the (W, H) = ``image_size`` original
+    that the input shows (``data.transforms.preprocess_view``; default: the padded / cropped
+    square of plain preprocessing). The patch grid is upsampled to that square and laid over the
+    original; parts of the image the model did not see get 0.
     """
+    from celluscan.data.transforms import square_view
+
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one preprocessed image (1, 3, S, S), got {tuple(x.shape)}")
     param = next(model.parameters())
@@ -72,11 +77,14 @@ def rollout_heatmap(model: torch.nn.Module, x: torch.Tensor, image_size: tuple[i
         maps = model.attention_maps(x.to(device=param.device, dtype=param.dtype))
     grid = rollout_grid(attention_rollout(maps))  # (1, gh, gw)
     w, h = image_size
-    side = max(w, h)
+    left, top, side = view if view is not None else square_view(w, h)
     square = F.interpolate(grid.unsqueeze(1).float(), size=(side, side), mode="bilinear",
-                           align_corners=False)[0, 0]
-    top, left = (side - h) // 2, (side - w) // 2  # pad_to_square centres the image
-    return _normalise01(square[top:top + h, left:left + w].cpu().numpy())
+                           align_corners=False)[0, 0].cpu().numpy()
+    out = np.zeros((h, w), dtype=np.float32)
+    x0, y0, x1, y1 = max(0, left), max(0, top), min(w, left + side), min(h, top + side)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = square[y0 - top:y1 - top, x0 - left:x1 - left]
+    return _normalise01(out)
 
 
 def overlay_heatmap(img: Image.Image, heatmap: np.ndarray, alpha: float = 0.45,

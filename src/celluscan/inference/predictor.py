@@ -406,5 +406,8 @@ class Predictor:
         """Attention-rollout heatmap (H, W) in [0, 1] over the original image ``img``."""
         from celluscan.inference.explain import rollout_heatmap
 
+        from celluscan.data.transforms import preprocess_view
+
         rgb = img.convert("RGB")
-        return rollout_heatmap(self.explanation_model(), self.to_batch([self.prepare(rgb)]), rgb.size)
+        return rollout_heatmap(self.explanation_model(), self.to_batch([self.prepare(rgb)]), rgb.size,
+                               view=preprocess_view(rgb, self.canonical))
