@@ -49,3 +49,23 @@ def test_app_latency_bench_runs_and_reports(tmp_path):
     assert result["requests"] == 3
     assert 0 < result["predictor_ms"]["p50"] and 0 < result["api_ms"]["p50"]
     assert "p50" in proc.stdout
+
+
+def test_compare_runs_lines_up_common_epochs(tmp_path):
+    for name, shift in (("a", 0.0), ("b", 0.02)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"epoch": e, "val_accuracy": 0.5 + 0.1 * e + shift, "val_macro_f1": 0.4 + 0.1 * e,
+                 "train_loss": 2.0 - 0.1 * e} for e in range(1, 4 if name == "a" else 3)]
+        (run / "history.json").write_text(json.dumps(rows))
+    plot = tmp_path / "cmp.png"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--plot", str(plot)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "val acc: max |diff| 0.0200, mean |diff| 0.0200 over 2 common epoch(s)" in proc.stdout
+    assert "val macro-F1: max |diff| 0.0000" in proc.stdout
+    assert plot.stat().st_size > 1000
+    (tmp_path / "b" / "history.json").write_text("[]")
+    empty = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(tmp_path / "a"),
+                            str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 1 and "no common epochs" in empty.stderr
