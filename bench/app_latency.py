@@ -23,11 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "src" / "celluscan" / "assets" / "samples"
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
@@ -37,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from fastapi.testclient import TestClient
+    from serve_load import percentile  # bench/ is on sys.path when this script runs
+
 
     from celluscan.data.imageio import load_image
     from celluscan.serving.app import create_app

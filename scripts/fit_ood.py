@@ -44,10 +44,12 @@ def main() -> int:
         return torch.cat(out)
 
     stats = fit_detector(features(data.train), data.train.labels, features(data.val), len(info.class_names))
-    save_ood(args.model_dir, stats, {"fitted_on": "train", "threshold_from": "val", "max_flag_rate": 0.05})
+    save_ood(args.model_dir, stats, {"fitted_on": "train", "threshold_from": "val",
+                                     "max_flag_rate": OOD_VAL_FLAG_RATE})
     if args.predictor_threshold:
         # Re-set the threshold from the validation images as the predictor sees them (decoded from
-        # the original files and resized once), so the 5% holds for the real inference path.
+        # the original files and preprocessed once), so the flag rate holds for the real inference
+        # path. The predictor scores with the detector just saved; only the threshold changes.
         from celluscan.data.datasets import read_manifest
         from celluscan.data.imageio import load_image
         from celluscan.evaluation.ood import choose_threshold

@@ -74,6 +74,11 @@ class CanonicalConfig:
         return asdict(self)
 
     @classmethod
+    def coerce(cls, value: "CanonicalConfig | Mapping[str, Any] | None") -> "CanonicalConfig":
+        """``value`` itself if it is a config, else :meth:`from_dict` of it."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "CanonicalConfig":
         if not d:
             return cls()

@@ -106,7 +106,7 @@ class TensorCache:
         sources = [getattr(r, "source", "") for r in rows]
         from celluscan.data.canonical import CanonicalConfig
 
-        canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+        canon = CanonicalConfig.coerce(canonical)
         digest = _manifest_digest(keys, labels, splits, size, fill, canon.key())
         tag = "_c" + hashlib.sha256(canon.key().encode()).hexdigest()[:8] if canon.active else ""
         if cache_dir is not None:

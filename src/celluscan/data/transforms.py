@@ -121,7 +121,7 @@ def preprocess_view(img: Image.Image, canonical=None) -> tuple[int, int, int]:
     from celluscan.data.canonical import CanonicalConfig, reframe_box
 
     left, top, side = square_view(*img.size)
-    canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+    canon = CanonicalConfig.coerce(canonical)
     if canon.framing == "nucleus":
         found = reframe_box(pad_to_square(img), canon)
         if found is not None:
@@ -142,7 +142,7 @@ def preprocess(img: Image.Image, size: int, fill: Fill = "edge", canonical=None)
 
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+    canon = CanonicalConfig.coerce(canonical)
     sq = pad_to_square(img, fill)
     if canon.framing == "nucleus":
         sq = reframe(sq, canon)
@@ -176,7 +176,7 @@ class Preprocess:
         return preprocess(img, self.size, self.fill, self.canonical)
 
     def __repr__(self) -> str:
-        return f"Preprocess(size={self.size}, fill={self.fill!r})"
+        return f"Preprocess(size={self.size}, fill={self.fill!r}, canonical={self.canonical!r})"
 
 
 class RandomRotate:

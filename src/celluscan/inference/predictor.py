@@ -30,7 +30,7 @@ from PIL import Image
 from celluscan.data.batch_augment import EvalPreprocess
 from celluscan.data.imageio import ImageLimits, ImageLoadError, load_image
 from celluscan.data.canonical import CanonicalConfig
-from celluscan.data.transforms import preprocess
+from celluscan.data.transforms import preprocess, preprocess_view
 from celluscan.inference.backends import (
     ExecutionPath,
     OnnxRunner,
@@ -405,8 +405,6 @@ class Predictor:
     def explain(self, img: Image.Image) -> np.ndarray:
         """Attention-rollout heatmap (H, W) in [0, 1] over the original image ``img``."""
         from celluscan.inference.explain import rollout_heatmap
-
-        from celluscan.data.transforms import preprocess_view
 
         rgb = img.convert("RGB")
         return rollout_heatmap(self.explanation_model(), self.to_batch([self.prepare(rgb)]), rgb.size,

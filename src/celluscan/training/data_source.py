@@ -57,16 +57,16 @@ class TrainData:
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0-1 scale) of uint8 images (N, 3, S, S)."""
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
+    """Per-channel mean and std (0-1 scale) of uint8 images (N, 3, S, S), through the same
+    arithmetic as the ingest's statistics (data.stats.combine)."""
+    from celluscan.data.stats import PixelSums, combine
+
+    sums = []
     for i in range(0, images.shape[0], chunk):
         x = images[i:i + chunk].to(torch.float64) / 255.0
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    std = (total_sq / n - mean * mean).clamp_min(1e-8).sqrt()
+        sums.append(PixelSums(tuple(x.sum(dim=(0, 2, 3)).tolist()), tuple((x * x).sum(dim=(0, 2, 3)).tolist()),
+                              int(x.shape[0] * x.shape[2] * x.shape[3])))
+    mean, std = combine(sums)
     return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
 
 
@@ -120,7 +120,7 @@ def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 
         raise ValueError(f"{manifest}: need training and validation images, found "
                          f"{len(train)} train and {len(val)} val (after the subset)")
     test = _split(cache, is_test) if bool(is_test.any()) else None
-    canon = canonical if isinstance(canonical, CanonicalConfig) else CanonicalConfig.from_dict(canonical)
+    canon = CanonicalConfig.coerce(canonical)
     mean, std = list(stats["mean"]), list(stats["std"])
     if canon.active:
         mean, std = channel_stats(train.images)
