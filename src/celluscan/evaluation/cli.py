@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-map", type=Path, help="YAML: raw folder name or code -> class id (or skip)")
     parser.add_argument("--skip-unknown", action="store_true", help="skip (and report) unmappable labels")
     parser.add_argument("--backend", default="auto", help="predictor backend (auto, torch, onnx)")
+    parser.add_argument("--tta", choices=("none", "flip", "d8"), default="none",
+                        help="test-time augmentation (see `celluscan predict --tta`)")
     parser.add_argument("--progress-every", type=float, default=30.0, metavar="S",
                         help="seconds between progress lines when not on a terminal")
 
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from celluscan.inference.predictor import Predictor
 
     try:
-        predictor = Predictor.from_model_dir(args.model, backend=args.backend)
+        predictor = Predictor.from_model_dir(args.model, backend=args.backend, tta=args.tta)
     except (OSError, ValueError) as e:
         print(f"celluscan evaluate: error: cannot load model {args.model}: {e}", file=sys.stderr)
         return 2
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "predictions.csv", _predictions_csv(rows, class_names or []))
     summary: dict = {"data": notes.get("source"), "model": str(args.model), "split": args.split,
+                     "execution_path": predictor.path_name,
                      "images": len(files), "evaluated": len(predicted), "errors": errors,
                      "skipped_labels": notes.get("skipped_labels"), "unknown_labels": notes.get("unknown_labels")}
     if not predicted:

@@ -41,6 +41,7 @@ from celluscan.inference.backends import (
 )
 from celluscan.inference.batching import batched_results, ordered_map
 from celluscan.inference.ood import OODScorer
+from celluscan.inference.tta import with_tta
 from celluscan.inference.uncertainty import UncertaintyPolicy, assess_uncertainty
 from celluscan.taxonomy import CLASSES, TAXONOMY
 
@@ -259,6 +260,7 @@ class Predictor:
         attention: str = "auto",
         threads: int | None = None,
         jit: bool = False,
+        tta: str = "none",
     ) -> "Predictor":
         """Load a model directory (or an .onnx file; ``None``: the shipped default model).
 
@@ -267,6 +269,8 @@ class Predictor:
         threshold: top probability under which a prediction is flagged uncertain.
         attention: "auto", "fused" or "explicit" (PyTorch). jit: TorchScript + oneDNN Graph
         fusion (PyTorch; ~15-30 s of warm-up, worth it for thousands of images or a server).
+        tta: test-time augmentation, "none", "flip" (2 passes) or "d8" (8): logits averaged
+        over the cell's symmetric views (``inference.tta``).
         """
         if backend not in ("auto", "torch", "onnx"):
             raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
@@ -283,7 +287,7 @@ class Predictor:
             if precision == "bf16":
                 raise ValueError("bf16 is a PyTorch path; the ONNX backend runs the exported graph")
             runner = OnnxRunner(source.onnx_path, threads)
-            return cls(runner, spec, batch_size, workers, policy)
+            return cls(with_tta(runner, tta), spec, batch_size, workers, policy)
         if spec.model_dir is None:
             raise ModelNotFoundError(f"{spec.source}: the PyTorch backend needs model.safetensors "
                                      "beside config.json; use --backend onnx for an .onnx file")
@@ -291,12 +295,18 @@ class Predictor:
 
         model, _info = load_model_dir(spec.model_dir)
         runner, note = choose_path(model, int(spec.preprocessing["image_size"]), precision, attention, jit)
-        return cls(runner, spec, batch_size, workers, policy, note)
+        return cls(with_tta(runner, tta), spec, batch_size, workers, policy, note)
 
     @property
     def path_name(self) -> str:
-        """The execution path in use, e.g. ``bf16-fused`` or ``onnx-fp32``."""
-        return self.runner.path.name
+        """The execution path in use, e.g. ``bf16-fused``, ``onnx-fp32`` or, with test-time
+        augmentation, ``bf16-explicit+tta-flip``."""
+        return self.runner.path.name + ("" if self.tta == "none" else f"+tta-{self.tta}")
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation mode (``inference.tta``): none, flip or d8."""
+        return getattr(self.runner, "mode", "none")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -391,8 +401,9 @@ class Predictor:
 
     def explanation_model(self) -> torch.nn.Module:
         """The PyTorch model used for attention maps (loaded on demand for ONNX backends)."""
-        if isinstance(self.runner, TorchRunner):
-            return self.runner.model
+        runner = getattr(self.runner, "runner", self.runner)  # under test-time augmentation
+        if isinstance(runner, TorchRunner):
+            return runner.model
         if self._explain_model is None:
             if self.spec.model_dir is None:
                 raise ModelNotFoundError(f"{self.spec.source}: explanations need the PyTorch weights "
