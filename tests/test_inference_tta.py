@@ -105,8 +105,9 @@ def test_cli_choices_match_the_modes():
 
     from celluscan.evaluation import cli as evaluate_cli
     from celluscan.inference import cli as predict_cli
+    from celluscan.serving import cli as serve_cli
 
-    for module in (predict_cli, evaluate_cli):
+    for module in (predict_cli, evaluate_cli, serve_cli):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         action = next(a for a in parser._actions if a.dest == "tta")
@@ -127,3 +128,12 @@ def test_predict_cli_with_tta_writes_the_averaged_prediction(model_dir, images, 
     for path, pred in expected.predict_paths(paths):
         assert rows[str(path)]["prediction"] == pred.label
         assert float(rows[str(path)]["confidence"]) == pytest.approx(pred.confidence, abs=1e-4)
+
+
+def test_server_with_tta_says_so_in_its_model_info(model_dir, images):
+    from celluscan.serving.service import ModelService
+
+    plain = ModelService.from_model_dir(model_dir)
+    flip = ModelService.from_model_dir(model_dir, tta="flip")
+    assert flip.info.to_json()["execution_path"] == plain.info.to_json()["execution_path"] + "+tta-flip"
+    assert flip.predictor.tta == "flip" and plain.predictor.tta == "none"

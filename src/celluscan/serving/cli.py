@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="model directory (default: the shipped model)")
     parser.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    parser.add_argument("--tta", choices=("none", "flip", "d8"), default="none",
+                        help="test-time augmentation for every upload (see `celluscan predict --tta`)")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-file-mb", type=float, default=_DEFAULTS.max_file_bytes / MB,
                    help="largest image file (default %(default)g MB)")
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from celluscan.serving.service import ModelService
 
     try:
-        service = ModelService.from_model_dir(args.model, limits)
+        service = ModelService.from_model_dir(args.model, limits, tta=args.tta)
     except (OSError, ValueError) as e:  # ModelDirError is a ValueError
         where = args.model or "the shipped default model"
         print(f"celluscan serve: cannot load {where}: {e}", file=sys.stderr)

@@ -60,10 +60,12 @@ class ModelInfo:
     classes: tuple[str, ...]
     image_size: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    execution_path: str = ""  # e.g. "bf16-explicit" or "bf16-explicit+tta-flip"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "path": self.path,
-                "classes": list(self.classes), "image_size": self.image_size}
+                "classes": list(self.classes), "image_size": self.image_size,
+                "execution_path": self.execution_path}
 
 
 def _finite(x: Any) -> float | None:
@@ -136,7 +138,7 @@ def _model_info(predictor: Any, path: str) -> ModelInfo:
         version = f"sha256:{str(weights['sha256'])[:12]}"
     return ModelInfo(name=name, version=str(version or "unversioned"), path=source,
                      classes=classes, image_size=int(prep.get("image_size") or 0),
-                     metadata=dict(metadata))
+                     metadata=dict(metadata), execution_path=str(getattr(predictor, "path_name", "") or ""))
 
 
 class FairLock:
@@ -195,10 +197,11 @@ class ModelService:
 
     @classmethod
     def from_model_dir(cls, path: str | Path | None = None,
-                       limits: ServingLimits = ServingLimits()) -> "ModelService":
+                       limits: ServingLimits = ServingLimits(), tta: str = "none") -> "ModelService":
+        """``tta``: test-time augmentation for every prediction (``inference.tta``)."""
         from celluscan.inference.predictor import Predictor
 
-        predictor = Predictor.from_model_dir(path, batch_size=limits.batch_size)
+        predictor = Predictor.from_model_dir(path, batch_size=limits.batch_size, tta=tta)
         return cls(predictor, limits, str(path) if path is not None else "default")
 
     # ---------------------------------------------------------------- classification (sync)
