@@ -137,3 +137,10 @@ def test_server_with_tta_says_so_in_its_model_info(model_dir, images):
     flip = ModelService.from_model_dir(model_dir, tta="flip")
     assert flip.info.to_json()["execution_path"] == plain.info.to_json()["execution_path"] + "+tta-flip"
     assert flip.predictor.tta == "flip" and plain.predictor.tta == "none"
+
+    from fastapi.testclient import TestClient
+
+    from celluscan.serving.app import create_app
+
+    with TestClient(create_app(flip, with_ui=False)) as client:
+        assert client.get("/api/v1/health").json()["execution_path"].endswith("+tta-flip")

@@ -199,6 +199,7 @@ def create_api_router(service: ModelService, knowledge: Knowledge) -> APIRouter:
             "model_version": info.version,
             "classes": list(info.classes),
             "image_size": info.image_size,
+            "execution_path": info.execution_path,
             "in_flight": service.in_flight,
             "limits": service.limits.describe(),
         }
