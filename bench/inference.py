@@ -309,8 +309,6 @@ def throughput_suite(args, model_dir: Path, onnx_path: Path, default_onnx: Path 
         # the baseline runs first and again last at each batch size, so a drift in background
         # load affects it like the paths measured in between (its img/s: the mean of both)
         for cfg in [*configs, baseline]:
-            if cfg["model"] == "default" and batch == 1:
-                continue
             warmup = 3 if cfg["path"].endswith("jit") else 2 if batch == 1 else 1  # jit: compile runs
             spec = {**cfg, "batch": batch, "repeats": repeats_for(batch, args.quick, args.repeats),
                     "warmup": warmup}
