@@ -37,7 +37,7 @@ from celluscan.inference.backends import (
 from celluscan.inference.batching import batched_results, ordered_map
 from celluscan.models import load_model_dir
 from celluscan.taxonomy import CLASSES, group_of
-from test_inference_support import PREPROCESSING, cell_image, make_model_dir, write_images
+from test_inference_support import PREPROCESSING, cell_image, make_model_dir, random_cells, write_images
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(7)
-    return [cell_image(rng, int(rng.integers(30, 80)), int(rng.integers(30, 80))) for _ in range(10)]
+    return random_cells(7, 10)
 
 
 def reference_logits(model_dir, imgs):

@@ -42,6 +42,12 @@ def cell_image(rng: np.random.Generator, width: int = 48, height: int = 40) -> I
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
+def random_cells(seed: int, n: int = 10) -> list[Image.Image]:
+    """``n`` :func:`cell_image` s of random sizes (30-79 px a side)."""
+    rng = np.random.default_rng(seed)
+    return [cell_image(rng, int(rng.integers(30, 80)), int(rng.integers(30, 80))) for _ in range(n)]
+
+
 def write_images(folder: Path, n: int, seed: int = 0, suffixes=(".png", ".jpg")) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from celluscan.inference import Predictor
 from celluscan.inference.backends import ExecutionPath, TorchRunner
 from celluscan.inference.tta import TTA_MODES, TestTimeAugmentation, views, with_tta
 from celluscan.models import load_model_dir
-from test_inference_support import cell_image, make_model_dir, write_images
+from test_inference_support import make_model_dir, random_cells, write_images
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(11)
-    return [cell_image(rng, int(rng.integers(30, 80)), int(rng.integers(30, 80))) for _ in range(6)]
+    return random_cells(11, 6)
 
 
 def test_views_are_the_distinct_symmetries_of_the_square_starting_with_identity():
