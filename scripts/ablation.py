@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg_path in zip(names, args.configs):
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
         epochs[name] = int(cfg.get("train", {}).get("epochs", 7))
+    asked = [s.split("=", 1)[1] for s in base_sets if s.startswith("train.epochs=")]
+    if asked:  # --set train.epochs=N wins over every config's own count
+        epochs = {n: int(asked[-1]) for n in names}
 
     if args.probe:
         probe_jobs = [(n, _train_cmd(c, args.out / "probe" / n, base_sets + [
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if finals:
         _launch(finals, len(finals), deadline + 120)
     rows = [_summarise(n, c, args.out / n, walls.get(n)) for n, c in zip(names, args.configs)]
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     cols = list(rows[0].keys())
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -69,3 +69,30 @@ def test_compare_runs_lines_up_common_epochs(tmp_path):
     empty = subprocess.run([sys.executable, str(REPO / "scripts" / "compare_runs.py"), str(tmp_path / "a"),
                             str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 1 and "no common epochs" in empty.stderr
+
+
+def _ablation_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_script", REPO / "scripts" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("sets, expected", [([], [100, 30]), (["train.epochs=12"], [12, 12])])
+def test_ablation_lays_out_each_config_for_its_epochs_unless_told_otherwise(tmp_path, monkeypatch, sets, expected):
+    ablation = _ablation_module()
+    configs = []
+    for name, epochs in (("a", 100), ("b", 30)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"train:\n  epochs: {epochs}\n")
+        configs.append(path)
+    launched = []
+    monkeypatch.setattr(ablation, "_launch", lambda jobs, parallel, deadline: launched.extend(jobs) or {})
+    argv = [*map(str, configs), "--out", str(tmp_path / "runs"), "--budget-min", "1"]
+    assert ablation.main(argv + (["--set", *sets] if sets else [])) == 0
+    for (name, cmd, _log), want in zip(launched, expected):
+        given = [a for a in cmd if a.startswith("train.epochs=")]
+        assert given[-1] == f"train.epochs={want}", (name, cmd)  # the last --set wins in `celluscan train`
+    assert json.loads((tmp_path / "runs" / "results.json").read_text())[0]["run"] == "a"
