@@ -41,7 +41,7 @@ from celluscan.inference.backends import (
 )
 from celluscan.inference.batching import batched_results, ordered_map
 from celluscan.inference.ood import OODScorer
-from celluscan.inference.tta import with_tta
+from celluscan.inference.tta import TestTimeAugmentation, with_tta
 from celluscan.inference.uncertainty import UncertaintyPolicy, assess_uncertainty
 from celluscan.taxonomy import CLASSES, TAXONOMY
 
@@ -306,7 +306,7 @@ class Predictor:
     @property
     def tta(self) -> str:
         """The test-time augmentation mode (``inference.tta``): none, flip or d8."""
-        return getattr(self.runner, "mode", "none")
+        return self.runner.mode if isinstance(self.runner, TestTimeAugmentation) else "none"
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -401,7 +401,7 @@ class Predictor:
 
     def explanation_model(self) -> torch.nn.Module:
         """The PyTorch model used for attention maps (loaded on demand for ONNX backends)."""
-        runner = getattr(self.runner, "runner", self.runner)  # under test-time augmentation
+        runner = self.runner.runner if isinstance(self.runner, TestTimeAugmentation) else self.runner
         if isinstance(runner, TorchRunner):
             return runner.model
         if self._explain_model is None:

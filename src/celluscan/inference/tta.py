@@ -11,8 +11,8 @@ Modes (:data:`TTA_MODES`):
 * ``d8``    the 8 symmetries of the square (4 rotations x mirror): 8 passes per image.
 
 Measured on the shipped model (own leak-free test split, 1,526 images; MODEL_CARD.md):
-test accuracy 0.819 -> 0.830 (flip) -> 0.834 (d8), ECE with the shipped temperature
-0.019 -> 0.025 -> 0.026; no gain on other labs' images (external-dev balanced recall 0.231 ->
+test accuracy 0.817 -> 0.830 (flip) -> 0.834 (d8), ECE with the shipped temperature
+0.019 -> 0.024 -> 0.026 (`celluscan evaluate --tta`); no gain on other labs' images (external-dev balanced recall 0.231 ->
 0.209 / 0.193), so TTA is an accuracy option for images like the training data, not a
 robustness fix.
 
