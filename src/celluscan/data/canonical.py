@@ -25,10 +25,13 @@ Everything here is numpy + Pillow, deterministic, and works at any input resolut
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any, Literal, Mapping
 
 import numpy as np
 from PIL import Image
+
+from celluscan.data.imageio import ensure_rgb
 
 __all__ = [
     "CanonicalConfig",
@@ -96,7 +99,7 @@ class CanonicalConfig:
 
 
 def _float_rgb(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(ensure_rgb(img), dtype=np.float32) / 255.0
 
 
 def background_colour(arr: np.ndarray) -> np.ndarray:
@@ -155,6 +158,15 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out2
 
 
+@lru_cache(maxsize=16)
+def _centre_distance(h: int, w: int) -> np.ndarray:
+    """Distance of every pixel of an h x w image from its centre (read-only, cached)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
+    dist.flags.writeable = False
+    return dist
+
+
 @dataclass(frozen=True)
 class Nucleus:
     """Where the nucleus is, in the coordinates of the (square) image it was found in."""
@@ -183,7 +195,7 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     """
     w, h = img.size
     scale = max(1.0, max(w, h) / WORK_SIZE)
-    small = img.convert("RGB")
+    small = ensure_rgb(img)
     if scale > 1:
         small = small.resize((max(1, round(w / scale)), max(1, round(h / scale))), Image.Resampling.BILINEAR)
     sw, sh = small.size
@@ -194,8 +206,7 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     if float(od.max()) < MIN_NUCLEUS_OD:
         return None
     mask = od >= max(_otsu(od.ravel()), MIN_NUCLEUS_OD)
-    yy, xx = np.mgrid[0:sh, 0:sw]
-    dist = np.hypot(xx - (sw - 1) / 2, yy - (sh - 1) / 2)
+    dist = _centre_distance(sh, sw)
     side = max(sw, sh)
     seed = mask & (dist <= 0.12 * side)
     if not seed.any():
@@ -205,12 +216,13 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
         seed = np.zeros_like(mask)
         seed.flat[int(np.argmin(np.where(near, dist, np.inf)))] = True
     grown_mask = _dilate(_dilate(mask))
-    region = seed
+    region, count = seed, np.count_nonzero(seed)
     for _ in range(4 * side):
         nxt = _dilate(region) & grown_mask
-        if nxt.sum() == region.sum():
+        grown = np.count_nonzero(nxt)
+        if grown == count:
             break
-        region = nxt
+        region, count = nxt, grown
     region &= mask
     area = int(region.sum())
     if area < 4:
@@ -235,7 +247,7 @@ def reframe_box(img: Image.Image, cfg: CanonicalConfig) -> tuple[tuple[int, int,
 def reframe(img: Image.Image, cfg: CanonicalConfig) -> Image.Image:
     """Square canvas of ``cfg.framing_scale`` x nucleus size centred on the nucleus (see the
     module docstring); ``img`` should already be square. Unchanged when no nucleus is found."""
-    img = img.convert("RGB")
+    img = ensure_rgb(img)
     found = reframe_box(img, cfg)
     if found is None:
         return img

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageLimits", "ImageLoadError", "load_image", "load_image_bytes", "IMAGE_SUFFIXES"]
+__all__ = ["ImageLimits", "ImageLoadError", "ensure_rgb", "load_image", "load_image_bytes", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".jfif"}
@@ -50,6 +50,11 @@ class ImageLoadError(Exception):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+
+def ensure_rgb(img: Image.Image) -> Image.Image:
+    """``img`` itself when it is already RGB (no copy), else ``img.convert("RGB")``."""
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -99,7 +104,7 @@ def _decode(fp, source: str, limits: ImageLimits) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated GIF / multi-page TIFF: use the first frame
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # a no-op without an orientation tag
             return _to_rgb(img)
         except ImageLoadError:
             raise

@@ -27,6 +27,8 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
+from celluscan.data.imageio import ensure_rgb
+
 __all__ = [
     "Fill",
     "border_colour",
@@ -51,7 +53,7 @@ _NAMED_FILLS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 def border_colour(img: Image.Image) -> tuple[int, int, int]:
     """Per-channel median of the pixels on the image's outer border (RGB ints)."""
-    arr = np.asarray(img.convert("RGB"))
+    arr = np.asarray(ensure_rgb(img))
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]], axis=0)
     med = np.median(border, axis=0)
     return tuple(int(round(v)) for v in med)  # type: ignore[return-value]
@@ -87,8 +89,7 @@ def pad_to_square(img: Image.Image, fill: Fill = "edge") -> Image.Image:
     or an ``(r, g, b)`` tuple. A square image is returned unchanged; a nearly square one
     (sides within :data:`NEAR_SQUARE_CROP`) is centre-cropped to a square instead.
     """
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = ensure_rgb(img)
     w, h = img.size
     if w == h:
         return img

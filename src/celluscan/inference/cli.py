@@ -2,7 +2,7 @@
 
     celluscan predict cells/ extra.png [--model DIR] [--output preds.csv]
                       [--backend auto|torch|onnx] [--precision auto|fp32|bf16]
-                      [--batch-size 32] [--workers 2] [--no-recursive] [--threshold 0.6]
+                      [--batch-size 32] [--workers N] [--no-recursive] [--threshold 0.6]
                       [--jit auto|on|off]
 
 Folders are walked (recursively by default) for files with an image suffix; files named
@@ -45,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PyTorch precision; auto: bf16 where the CPU runs it natively and it "
                              "agrees with fp32 on a probe batch, else fp32")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="threads decoding images while the model runs (default 2; 0 = none)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads decoding images while the model runs (0 = none); default: "
+                             "planned from the first images' timings, giving a small model and the "
+                             "decoder their own cores")
     parser.add_argument("--recursive", dest="recursive", action="store_true", default=True,
                         help="walk folders recursively (the default)")
     parser.add_argument("--no-recursive", dest="recursive", action="store_false",
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         return _fatal(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         return _fatal(f"--workers must be 0 or more, got {args.workers}")
     if not 0.0 <= args.threshold <= 1.0:
         return _fatal(f"--threshold must be between 0 and 1, got {args.threshold}")
@@ -160,8 +162,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         done = len(inputs) - failed
         where = f"; wrote {args.output}" if to_file else ""
+        split = predictor.last_core_split
         print(f"classified {done} of {len(inputs)} image(s) in {elapsed:.1f} s "
               f"({len(inputs) / max(elapsed, 1e-9):.1f} img/s){where}"
+              + (f"; cores {split.describe()}" if split is not None else "")
               + (f"; {failed} failed (see the error column)" if failed and writer else
                  f"; {failed} failed" if failed else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK

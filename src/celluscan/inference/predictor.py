@@ -6,7 +6,10 @@
 ...     print(path, result)           # a Prediction, or an ImageLoadError naming the problem
 
 Images are decoded and preprocessed (pad to square, resize: ``data.transforms.preprocess``)
-on ``workers`` threads while the model runs on the previous batch, in input order.
+on ``workers`` threads while the model runs on the previous batch, in input order. With
+``workers=None`` (the default) :meth:`Predictor.predict_paths` times decoding and the model on
+the run's first images and shares the cores between them accordingly (``inference.core_split``:
+a small model gets its own core and the decoder the other, instead of both fighting over two).
 
 ``backend="auto"`` uses PyTorch; ``precision="auto"`` picks bf16 when the CPU runs bf16
 natively and a probe batch gives fp32's top-1 (see :func:`choose_path`), else fp32. Which
@@ -16,8 +19,10 @@ attention kernel is fastest per precision is in :data:`FASTEST_ATTENTION` (measu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,7 +33,7 @@ import torch
 from PIL import Image
 
 from celluscan.data.batch_augment import EvalPreprocess
-from celluscan.data.imageio import ImageLimits, ImageLoadError, load_image
+from celluscan.data.imageio import ImageLimits, ImageLoadError, ensure_rgb, load_image
 from celluscan.data.canonical import CanonicalConfig
 from celluscan.data.transforms import preprocess, preprocess_view
 from celluscan.inference.backends import (
@@ -40,6 +45,7 @@ from celluscan.inference.backends import (
     synthetic_batch,
 )
 from celluscan.inference.batching import batched_results, ordered_map
+from celluscan.inference.core_split import SKIP_SPLIT_RATIO, CoreSplit, plan_core_split
 from celluscan.inference.ood import OODScorer
 from celluscan.inference.tta import TestTimeAugmentation, with_tta
 from celluscan.inference.uncertainty import UncertaintyPolicy, assess_uncertainty
@@ -220,20 +226,30 @@ def choose_path(model: torch.nn.Module, image_size: int, precision: str = "auto"
     return with_note(runner_for("fp32"), note)
 
 
+DEFAULT_DECODE_WORKERS = 2
+"""Decode threads when ``workers`` is not given and no plan was made (few images)."""
+PLAN_PROBE_IMAGES = 8
+"""Images decoded inline and run through the model to plan a batch run's cores; runs with
+fewer images are not planned (there is nothing to gain)."""
+
+
 class Predictor:
     """Classifies images with one model on one execution path (see the module docstring)."""
 
-    def __init__(self, runner, spec: ModelSpec, batch_size: int = 32, workers: int = 2,
+    def __init__(self, runner, spec: ModelSpec, batch_size: int = 32, workers: int | None = None,
                  policy: UncertaintyPolicy = UncertaintyPolicy(), note: str = "",
                  limits: ImageLimits = ImageLimits()):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be >= 0 (or None: planned per run), got {workers}")
         self.runner = runner
         self.spec = spec
         self.batch_size = int(batch_size)
-        self.workers = int(workers)
+        self.workers = None if workers is None else int(workers)
+        """Decode threads; ``None``: planned per run from measured costs (module docstring)."""
+        self.last_core_split: CoreSplit | None = None
+        """The plan :meth:`predict_paths` used last (``None`` when ``workers`` was given)."""
         self.policy = policy
         self.note = note
         self.limits = limits
@@ -255,7 +271,7 @@ class Predictor:
         backend: str = "auto",
         precision: str = "auto",
         batch_size: int = 32,
-        workers: int = 2,
+        workers: int | None = None,
         threshold: float = 0.6,
         attention: str = "auto",
         threads: int | None = None,
@@ -316,7 +332,7 @@ class Predictor:
 
     def prepare(self, img: Image.Image) -> np.ndarray:
         """PIL image -> padded, resized uint8 array (S, S, 3)."""
-        return np.asarray(preprocess(img.convert("RGB"), self.image_size, self.pad_fill, self.canonical),
+        return np.asarray(preprocess(ensure_rgb(img), self.image_size, self.pad_fill, self.canonical),
                           dtype=np.uint8)
 
     def load_and_prepare(self, path: str | os.PathLike) -> np.ndarray:
@@ -384,7 +400,8 @@ class Predictor:
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[Prediction]:
         """Classify decoded PIL images (any mode; converted to RGB)."""
-        loaded = ordered_map(self.prepare, images, self.workers if len(images) > 1 else 0,
+        workers = DEFAULT_DECODE_WORKERS if self.workers is None else self.workers
+        loaded = ordered_map(self.prepare, images, workers if len(images) > 1 else 0,
                              window=self.batch_size * 2, errors=())
         results = batched_results(loaded, self.batch_size, self.predict_arrays)
         return [r for _, r in results]  # type: ignore[misc]
@@ -392,10 +409,70 @@ class Predictor:
     def predict_paths(self, paths: Iterable[str | os.PathLike]
                       ) -> Iterator[tuple[str | os.PathLike, Prediction | ImageLoadError]]:
         """Classify image files in input order, decoding ahead on worker threads. A file that
-        cannot be used yields its :class:`ImageLoadError` instead; the rest still run."""
-        loaded = ordered_map(self.load_and_prepare, paths, self.workers,
-                             window=self.batch_size * 3, errors=(ImageLoadError,))
-        return batched_results(loaded, self.batch_size, self.predict_arrays)  # type: ignore[return-value]
+        cannot be used yields its :class:`ImageLoadError` instead; the rest still run. With
+        ``workers=None`` the cores are shared as :meth:`plan_cores` decides."""
+        if self.workers is not None:
+            self.last_core_split = None
+            loaded = ordered_map(self.load_and_prepare, paths, self.workers,
+                                 window=self.batch_size * 3, errors=(ImageLoadError,))
+            return batched_results(loaded, self.batch_size, self.predict_arrays)  # type: ignore[return-value]
+        return self._predict_paths_planned(iter(paths))
+
+    def _load_or_error(self, path: str | os.PathLike) -> np.ndarray | ImageLoadError:
+        try:
+            return self.load_and_prepare(path)
+        except ImageLoadError as e:
+            return e
+
+    def _predict_paths_planned(self, paths: Iterator[str | os.PathLike]
+                               ) -> Iterator[tuple[str | os.PathLike, Prediction | ImageLoadError]]:
+        head = list(itertools.islice(paths, PLAN_PROBE_IMAGES))
+        start = time.perf_counter()
+        head_loaded = [(p, self._load_or_error(p)) for p in head]
+        decode_ms = (time.perf_counter() - start) * 1000 / max(1, len(head))
+        arrays = [r for _, r in head_loaded if not isinstance(r, ImageLoadError)]
+        threads_before = torch.get_num_threads()
+        plan = self.plan_cores(decode_ms, arrays) if len(head) == PLAN_PROBE_IMAGES else None
+        self.last_core_split = plan
+        workers = DEFAULT_DECODE_WORKERS if plan is None else plan.decode_workers
+        try:
+            if plan is not None and plan.model_threads != threads_before:
+                torch.set_num_threads(plan.model_threads)
+            rest = ordered_map(self.load_and_prepare, paths, workers,
+                               window=self.batch_size * 3, errors=(ImageLoadError,))
+            yield from batched_results(itertools.chain(head_loaded, rest), self.batch_size,
+                                       self.predict_arrays)  # type: ignore[misc]
+        finally:
+            if torch.get_num_threads() != threads_before:
+                torch.set_num_threads(threads_before)
+
+    def plan_cores(self, decode_ms: float, arrays: Sequence[np.ndarray]) -> CoreSplit | None:
+        """Time the model per image on these prepared images, on all cores and (when it could
+        matter) on one, and plan the run with :func:`~celluscan.inference.core_split.plan_core_split`.
+        ``None`` (keep the defaults) for a backend whose threads are fixed (ONNX) or no images."""
+        if not arrays or getattr(self.runner.path, "backend", None) != "torch":
+            return None
+        cores = torch.get_num_threads()
+        x = self.to_batch(list(arrays))
+
+        def ms_per_image() -> float:
+            start = time.perf_counter()
+            self.run(x)
+            return (time.perf_counter() - start) * 1000 / x.shape[0]
+
+        ms_per_image()  # warm-up: first-call allocations and kernel selection
+        ms_all = ms_per_image()
+        ms_one = None
+        if cores > 1 and ms_all < SKIP_SPLIT_RATIO * decode_ms:
+            try:
+                torch.set_num_threads(1)
+                ms_per_image()
+                ms_one = ms_per_image()
+            finally:
+                torch.set_num_threads(cores)
+        plan = plan_core_split(cores, decode_ms, ms_all, ms_one, DEFAULT_DECODE_WORKERS)
+        log.info("core split %s", plan.describe())
+        return plan
 
     # ---- explanations -----------------------------------------------------------------------
 
