@@ -11,8 +11,12 @@ from celluscan.data.canonical import (
     CanonicalConfig,
     apply_colour,
     background_colour,
+    REINHARD_REFERENCE,
     find_nucleus,
+    lab_to_rgb,
     reframe,
+    reinhard,
+    rgb_to_lab,
     white_balance,
 )
 from celluscan.data.tensor_cache import TensorCache
@@ -119,6 +123,35 @@ def test_grey_has_no_hue_and_keeps_the_nucleus_dark():
     assert out[60, 60, 0] < 40 and out[0, 0, 0] > 240
     with pytest.raises(ValueError):
         apply_colour(Image.new("RGB", (4, 4)), "sepia")
+
+
+def test_lab_conversion_round_trips_and_hits_known_values():
+    rng = np.random.default_rng(0)
+    arr = rng.random((20, 20, 3))
+    assert np.allclose(lab_to_rgb(rgb_to_lab(arr)), arr, atol=1e-9)
+    white, black = rgb_to_lab(np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert np.allclose(white, [100, 0, 0], atol=0.05) and np.allclose(black, [0, 0, 0], atol=1e-6)
+    red = rgb_to_lab(np.array([1.0, 0.0, 0.0]))  # sRGB red: L* 53.2, a* 80.1, b* 67.2
+    assert np.allclose(red, [53.24, 80.09, 67.20], atol=0.1)
+
+
+def test_reinhard_moves_any_stain_onto_the_reference():
+    pbc = np.asarray(smear(120, PBC_BG, (60, 60), 20, red_cells=[(20, 25, 14), (95, 90, 14)]), np.float64) / 255
+    yellow_dim = np.clip(pbc * np.array([1.0, 0.93, 0.6]) * 0.85, 0, 1)  # another lab's cast and light
+    a, b = reinhard(pbc), reinhard(yellow_dim)
+    lab_a, lab_b = rgb_to_lab(a).reshape(-1, 3), rgb_to_lab(b).reshape(-1, 3)
+    ref_mean, ref_std = REINHARD_REFERENCE
+    assert np.allclose(lab_a.mean(0), ref_mean, atol=3.0) and np.allclose(lab_a.std(0), ref_std, atol=3.0)
+    assert np.abs(lab_a.mean(0) - lab_b.mean(0)).max() < 3.0  # the cast is gone ...
+    assert np.abs(a - b).mean() < 0.03  # ... pixel by pixel, not only on average
+    assert np.abs(pbc - yellow_dim).mean() > 0.1
+    own = rgb_to_lab(pbc).reshape(-1, 3)  # mapping onto its own statistics changes nothing
+    assert np.allclose(reinhard(pbc, (own.mean(0), own.std(0))), pbc, atol=1e-6)
+    blank = np.full((8, 8, 3), 0.9)  # a flat image is shifted, not blown up
+    assert np.isfinite(reinhard(blank)).all()
+    img = Image.fromarray((pbc * 255).astype(np.uint8))
+    assert np.asarray(apply_colour(img, "reinhard")).shape == (120, 120, 3)
+    assert CanonicalConfig(colour="reinhard").key().split(":")[1] == "reinhard"
 
 
 def test_preprocess_applies_the_canonical_steps():
