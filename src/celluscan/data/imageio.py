@@ -104,7 +104,9 @@ def _decode(fp, source: str, limits: ImageLimits) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated GIF / multi-page TIFF: use the first frame
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # a no-op without an orientation tag
+            # A copy even without an orientation tag: callers get a plain Image, detached from
+            # the file object it was decoded from (in_place=True would keep the file's bytes).
+            img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
         except ImageLoadError:
             raise
