@@ -180,15 +180,18 @@ def reinhard(arr: np.ndarray, reference=REINHARD_REFERENCE) -> np.ndarray:
     return lab_to_rgb((lab - mean) * gain + ref_mean)
 
 
+_COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard}
+"""The float-RGB function behind each colour mode but "none" (:data:`COLOUR_MODES`)."""
+
+
 def apply_colour(img: Image.Image, mode: str) -> Image.Image:
     """Colour step of :class:`CanonicalConfig` on an RGB image."""
     if mode == "none":
         return img
-    arr = _float_rgb(img)
-    steps = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard}
-    if mode not in steps:
+    step = _COLOUR_STEPS.get(mode)
+    if step is None:
         raise ValueError(f"unknown canonical colour {mode!r}")
-    out = steps[mode](arr)
+    out = step(_float_rgb(img))
     return Image.fromarray((out * 255.0 + 0.5).astype(np.uint8), "RGB")
 
 

@@ -77,9 +77,9 @@ def plan_core_split(cores: int, decode_ms: float, model_ms_all: float,
     """
     if min(decode_ms, model_ms_all) < 0 or (model_ms_one is not None and model_ms_one < 0):
         raise ValueError("measured costs must be >= 0")
-    shared = CoreSplit("shared", max(1, shared_workers), cores, model_ms_all + decode_ms,
-                       "the model dominates" if model_ms_one is None or cores < 2
-                       else "estimated fastest")
+    reason = ("one core: nothing to split" if cores < 2 else
+              "the model dominates" if model_ms_one is None else "estimated fastest")
+    shared = CoreSplit("shared", max(1, shared_workers), cores, model_ms_all + decode_ms, reason)
     if cores < 2 or model_ms_one is None:
         return shared
     best, bar = shared, SPLIT_MARGIN * shared.estimated_ms_per_image

@@ -450,7 +450,7 @@ class Predictor:
         """Time the model per image on these prepared images, on all cores and (when it could
         matter) on one, and plan the run with :func:`~celluscan.inference.core_split.plan_core_split`.
         ``None`` (keep the defaults) for a backend whose threads are fixed (ONNX) or no images."""
-        if not arrays or getattr(self.runner.path, "backend", None) != "torch":
+        if not arrays or self.runner.path.backend != "torch":
             return None
         cores = torch.get_num_threads()
         x = self.to_batch(list(arrays))
