@@ -4,7 +4,7 @@
 
 `celluscan train` does this itself at the end of a run (eval.fit_ood); this script is for a
 model directory trained without it. Features of the training split fit the detector, the
-validation split sets the threshold (4% of its images flagged, under the 5% ceiling). External images are never used.
+validation split sets the threshold (3.5% of its images flagged, under the 5% ceiling). External images are never used.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import pytest
 
 from test_training_support import make_dataset, tiny_config
 
+from celluscan.evaluation.ood import OOD_VAL_FLAG_RATE
 from celluscan.models import load_model_dir
 from celluscan.training.config import config_from_dict
 from celluscan.training.data_source import load_train_data
@@ -35,7 +36,7 @@ def test_fit_ood_refits_a_canonical_model_through_the_predictor(tmp_path):
     assert "unfamiliar threshold" in proc.stdout
     _, info = load_model_dir(model_dir)
     ood = info.metadata["ood"]
-    assert ood["threshold_from"] == "val (predictor path)" and ood["max_flag_rate"] == pytest.approx(0.04)
+    assert ood["threshold_from"] == "val (predictor path)" and ood["max_flag_rate"] == pytest.approx(OOD_VAL_FLAG_RATE)
     assert (model_dir / "ood.safetensors").is_file()
 
 

@@ -145,3 +145,24 @@ def test_canonical_preprocessing_travels_into_the_model_dir(dataset, tmp_path):
     assert info.preprocessing["canonical"]["framing"] == "nucleus"
     assert info.preprocessing["canonical"]["colour"] == "white_balance"
     assert info.preprocessing["mean"] == pytest.approx(data.mean)
+
+
+def test_colour_stage_batch_caches_the_framing_and_colours_each_batch(dataset, tmp_path):
+    canonical = {"framing": "nucleus", "colour": "reinhard", "framing_scale": 3.0}
+    framed = load_train_data(dataset, 32, workers=1, canonical={**canonical, "colour": "none"})
+    cached = load_train_data(dataset, 32, workers=1, canonical=canonical)
+    batched = load_train_data(dataset, 32, workers=1, canonical=canonical, colour_stage="batch")
+    assert torch.equal(batched.train.images, framed.train.images)  # the cache holds the framing only
+    assert not torch.equal(cached.train.images, framed.train.images)
+    assert (batched.batch_colour, cached.batch_colour) == ("reinhard", "none")
+    assert batched.canonical["colour"] == "reinhard"  # what inference will do
+    assert batched.mean != framed.mean  # measured after the colour step
+    assert batched.mean == pytest.approx(cached.mean, abs=0.03)  # ... so close to the cached variant's
+    with pytest.raises(ValueError, match="per batch"):
+        load_train_data(dataset, 32, workers=1, canonical={**canonical, "colour": "grey"}, colour_stage="batch")
+    cfg = _cfg(dataset, **{"train.epochs": 1, "data.canonical": canonical, "data.colour_stage": "batch"})
+    trainer = Trainer(cfg, tmp_path / "run", batched, log=_quiet)
+    assert trainer.augment.colour == trainer.eval_pre.colour == "reinhard"
+    trainer.fit()
+    _, info = load_model_dir(tmp_path / "run" / "model")
+    assert info.preprocessing["canonical"]["colour"] == "reinhard"

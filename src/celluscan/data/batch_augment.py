@@ -16,11 +16,19 @@ What it does, in order (each step switchable in :class:`AugmentConfig`):
    frames), so tight crops from other labs, where the cell fills the frame, are inside the
    training distribution; zoom < 1 shrinks the frame into a background-coloured canvas.
    Framing then stops being a class cue (issue 10: other labs crop 2-3x tighter than PBC).
+   Before the warp, optionally a *window*: everything outside a centred square (a fraction of
+   the nucleus-framed canvas, so it holds the cell) is replaced by the image's background
+   colour, which is what canonical nucleus framing makes of another lab's tight crop (the crop
+   pasted on a flat canvas, no red cells around it); the warp then rotates and zooms it too.
 3. Stain and colour: jitter in HED optical-density space (Ruifrok & Johnston stain vectors),
    brightness / contrast / saturation / gamma, a background tint (bright pixels pulled toward a
-   random pale colour, like Tecom's yellow background), random greyscale.
+   random pale colour, like Tecom's yellow background), per-channel gains (colour casts), random
+   greyscale.
 4. Optics: Gaussian blur and down-then-up sampling (lower-resolution cameras).
-5. Normalisation with the dataset mean / std.
+5. Optionally the canonical colour step (``colour="reinhard"``, data.canonical.reinhard) on
+   the augmented batch: the model then sees what inference gives it, another lab's image after
+   normalisation, residues included, rather than normalised images jittered afterwards.
+6. Normalisation with the dataset mean / std.
 """
 
 from __future__ import annotations
@@ -32,7 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AugmentConfig", "BatchAugment", "EvalPreprocess", "border_colour"]
+__all__ = ["AugmentConfig", "BatchAugment", "EvalPreprocess", "border_colour", "background_fill",
+           "colour_batch"]
+
+BATCH_COLOURS = ("none", "reinhard")
+"""Canonical colour steps (data.canonical) that also run on batches: see :func:`colour_batch`."""
 
 
 @dataclass
@@ -49,6 +61,8 @@ class AugmentConfig:
     wide_zoom_range: tuple[float, float] = (1.0, 3.0)
     translate: float = 0.06  # max shift as a fraction of the frame
     aspect: float = 0.1  # max relative aspect-ratio change
+    window_prob: float = 0.0  # keep only a centred square window, the rest background colour
+    window_range: tuple[float, float] = (0.45, 0.85)  # window side, fraction of the (unwarped) frame
     # -- TrivialAugmentWide for balancing copies --
     trivial_augment: bool = True
     trivial_chunk: int = 8
@@ -58,6 +72,7 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     saturation: float = 0.1
+    channel_gain: float = 0.0  # per-channel gain in [1-g, 1+g]: colour casts (white balance)
     gamma: float = 0.0  # log-uniform gamma in [exp(-g), exp(g)]
     background_tint_prob: float = 0.0
     background_tint: float = 0.15  # max strength of the tint on bright pixels
@@ -117,6 +132,29 @@ def border_colour(x: torch.Tensor) -> torch.Tensor:
     return border.median(dim=2).values[:, :, None, None]
 
 
+def background_fill(x: torch.Tensor) -> torch.Tensor:
+    """Each image's background colour, the per-channel median of its brightest quarter of
+    pixels (as data.canonical.background_colour): (B,3,H,W) float -> (B,3,1,1)."""
+    b = x.shape[0]
+    pix = x.flatten(2)  # (B,3,P)
+    lum = (pix * torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1)).sum(1)
+    cut = lum.quantile(0.75, dim=1, keepdim=True)  # (B,1)
+    bright = torch.where((lum >= cut)[:, None, :], pix, torch.nan)
+    return bright.nanmedian(dim=2).values.view(b, 3, 1, 1)
+
+
+def colour_batch(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The canonical colour step ``mode`` on a float (B,3,H,W) batch in 0-1, image by image,
+    with the same arithmetic as inference's (data.canonical)."""
+    if mode == "none":
+        return x
+    if mode != "reinhard":
+        raise ValueError(f"colour step {mode!r} has no batched form; use one of {BATCH_COLOURS}")
+    from celluscan.data.canonical import reinhard
+
+    return reinhard(x.permute(0, 2, 3, 1), batch_dims=1).permute(0, 3, 1, 2).contiguous()
+
+
 def _uniform(n: int, lo: float, hi: float, device, generator=None) -> torch.Tensor:
     return torch.rand(n, device=device, generator=generator) * (hi - lo) + lo
 
@@ -124,10 +162,13 @@ def _uniform(n: int, lo: float, hi: float, device, generator=None) -> torch.Tens
 class BatchAugment(nn.Module):
     """uint8 (B,3,H,W) batch [+ bool mask of TrivialAugmentWide rows] -> normalised float (B,3,S,S)."""
 
-    def __init__(self, cfg: AugmentConfig, out_size: int, mean, std):
+    def __init__(self, cfg: AugmentConfig, out_size: int, mean, std, colour: str = "none"):
         super().__init__()
+        if colour not in BATCH_COLOURS:
+            raise ValueError(f"colour must be one of {BATCH_COLOURS}, got {colour!r}")
         self.cfg = cfg
         self.out_size = int(out_size)
+        self.colour = colour
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("rgb_from_hed", _RGB_FROM_HED.clone())
@@ -182,6 +223,20 @@ class BatchAugment(nn.Module):
         warped = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return warped + fill
 
+    def _window(self, x: torch.Tensor) -> torch.Tensor:
+        cfg, b, dev = self.cfg, x.shape[0], x.device
+        on = torch.rand(b, device=dev) < cfg.window_prob
+        if not bool(on.any()):
+            return x
+        size = x.shape[-1]
+        half = _uniform(b, *cfg.window_range, dev) / 2  # half side, fraction of the frame
+        centre = 0.5 + _uniform(2 * b, -0.05, 0.05, dev).view(2, b)  # (x, y)
+        pos = (torch.arange(size, device=dev, dtype=x.dtype) + 0.5) / size
+        inside_x = (pos[None, :] - centre[0][:, None]).abs() <= half[:, None]  # (B, W)
+        inside_y = (pos[None, :] - centre[1][:, None]).abs() <= half[:, None]  # (B, H)
+        keep = (inside_y[:, :, None] & inside_x[:, None, :]) | ~on.view(b, 1, 1)
+        return torch.where(keep[:, None], x, background_fill(x))
+
     # ---- 3. stain and colour ----
     def _stain_colour(self, x: torch.Tensor) -> torch.Tensor:
         """Stain jitter and colour jitter, each folded into one 3x3 matrix (+ bias) per image."""
@@ -201,6 +256,9 @@ class BatchAugment(nn.Module):
         mat, bias = eye.clone(), torch.zeros(b, 1, 3, device=dev)
         if cfg.brightness > 0:
             mat = mat * _uniform(b, 1 - cfg.brightness, 1 + cfg.brightness, dev).view(b, 1, 1)
+        if cfg.channel_gain > 0:
+            gains = _uniform(b * 3, 1 - cfg.channel_gain, 1 + cfg.channel_gain, dev).view(b, 3)
+            mat = mat @ torch.diag_embed(gains)
         if cfg.contrast > 0:
             c = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, dev).view(b, 1, 1)
             mean = (pix.mean(dim=1, keepdim=True) @ mat).mean(dim=2, keepdim=True)  # (B,1,1)
@@ -262,32 +320,41 @@ class BatchAugment(nn.Module):
             raise TypeError(f"BatchAugment expects uint8 images, got {images.dtype}")
         cfg = self.cfg
         if not cfg.enabled:
-            return EvalPreprocess.resize_normalise(images, self.out_size, self.mean, self.std)
+            return EvalPreprocess.resize_normalise(images, self.out_size, self.mean, self.std, self.colour)
         if cfg.trivial_augment and trivial_mask is not None and bool(trivial_mask.any()):
             images = self._trivial_augment(images, trivial_mask.to(images.device))
         x = images.float() / 255.0
+        if cfg.window_prob > 0:  # before the warp: the window is sized on the canonical frame
+            x = self._window(x)
         x = self._affine(x)
         x = self._stain_colour(x)
         x = self._optics(x)
+        x = colour_batch(x, self.colour)
         return (x - self.mean) / self.std
 
 
 class EvalPreprocess(nn.Module):
-    """Deterministic: uint8 (B,3,H,W) -> resized (antialiased) and normalised float (B,3,S,S)."""
+    """Deterministic: uint8 (B,3,H,W) -> resized (antialiased), optionally colour-canonicalised
+    (``colour``, for a training cache stored without its colour step) and normalised float
+    (B,3,S,S)."""
 
-    def __init__(self, out_size: int, mean, std):
+    def __init__(self, out_size: int, mean, std, colour: str = "none"):
         super().__init__()
+        if colour not in BATCH_COLOURS:
+            raise ValueError(f"colour must be one of {BATCH_COLOURS}, got {colour!r}")
         self.out_size = int(out_size)
+        self.colour = colour
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     @staticmethod
-    def resize_normalise(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    def resize_normalise(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor,
+                         colour: str = "none") -> torch.Tensor:
         x = images.float() / 255.0
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0, 1)
-        return (x - mean) / std
+        return (colour_batch(x, colour) - mean) / std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.resize_normalise(images, self.out_size, self.mean, self.std)
+        return self.resize_normalise(images, self.out_size, self.mean, self.std, self.colour)

@@ -23,7 +23,8 @@ identically at training (before the tensor cache) and at inference (inside ``pre
   et al. 2001, "Color transfer between images"): brightness, contrast, stain hue and saturation
   of every lab moved onto ours. Applied after the resize, so it costs little.
 
-Everything here is numpy + Pillow, deterministic, and works at any input resolution.
+Everything here is numpy + Pillow (the colour arithmetic also runs on torch tensors, for the
+batched training path), deterministic, and works at any input resolution.
 """
 
 from __future__ import annotations
@@ -149,35 +150,64 @@ _RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB)
 _D65 = np.array([0.95047, 1.0, 1.08883])
 _LAB_EPS, _LAB_KAPPA = 216 / 24389, 24389 / 27
 
-
-def rgb_to_lab(arr: np.ndarray) -> np.ndarray:
-    """sRGB (..., 3) floats in 0-1 -> CIELAB (D65), float64."""
-    a = np.asarray(arr, dtype=np.float64)
-    linear = np.where(a > 0.04045, ((a + 0.055) / 1.055) ** 2.4, a / 12.92)
-    xyz = linear @ _XYZ_FROM_RGB.T / _D65
-    f = np.where(xyz > _LAB_EPS, np.cbrt(xyz), (_LAB_KAPPA * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+# One implementation of the CIELAB conversions and the Reinhard transfer serves numpy arrays
+# (one image, at inference and when caching: plain numpy, no torch thread pool in the decode
+# threads) and torch tensors (the batched training path, data.batch_augment), so the two cannot
+# drift apart. Only operations numpy and torch spell alike are used; ``_xp`` picks the module.
 
 
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+def _xp(arr):
+    """``(module, array)``: torch for a tensor (floating), else numpy with float64."""
+    if type(arr).__module__.startswith("torch"):
+        import torch
+
+        return torch, (arr if arr.is_floating_point() else arr.float())
+    return np, np.asarray(arr, dtype=np.float64)
+
+
+def _const(values, like):
+    """``values`` as an array of ``like``'s kind, dtype and device."""
+    if isinstance(like, np.ndarray):
+        return np.asarray(values, dtype=like.dtype)
+    import torch
+
+    return torch.as_tensor(np.asarray(values), dtype=like.dtype, device=like.device)
+
+
+def rgb_to_lab(arr):
+    """sRGB (..., 3) floats in 0-1 -> CIELAB (D65); numpy (float64) or torch (its dtype)."""
+    xp, a = _xp(arr)
+    linear = xp.where(a > 0.04045, ((a + 0.055) / 1.055) ** 2.4, a / 12.92)
+    xyz = linear @ _const(_XYZ_FROM_RGB.T, a) / _const(_D65, a)
+    f = xp.where(xyz > _LAB_EPS, xp.clip(xyz, _LAB_EPS, None) ** (1 / 3), (_LAB_KAPPA * xyz + 16) / 116)
+    return xp.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def lab_to_rgb(lab):
     """CIELAB (..., 3) -> sRGB floats clipped to 0-1 (inverse of :func:`rgb_to_lab`)."""
-    fy = (lab[..., 0] + 16) / 116
-    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
-    xyz = np.where(f ** 3 > _LAB_EPS, f ** 3, (116 * f - 16) / _LAB_KAPPA) * _D65
-    linear = np.clip(xyz @ _RGB_FROM_XYZ.T, 0.0, 1.0)
-    return np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
+    xp, t = _xp(lab)
+    fy = (t[..., 0] + 16) / 116
+    f = xp.stack([fy + t[..., 1] / 500, fy, fy - t[..., 2] / 200], -1)
+    xyz = xp.where(f ** 3 > _LAB_EPS, f ** 3, (116 * f - 16) / _LAB_KAPPA) * _const(_D65, t)
+    linear = xp.clip(xyz @ _const(_RGB_FROM_XYZ.T, t), 0.0, 1.0)
+    return xp.where(linear > 0.0031308, 1.055 * xp.clip(linear, 0.0031308, None) ** (1 / 2.4) - 0.055,
+                    12.92 * linear)
 
 
-def reinhard(arr: np.ndarray, reference=REINHARD_REFERENCE) -> np.ndarray:
-    """Match the image's per-channel CIELAB mean and standard deviation to ``reference``
-    ((mean L, a, b), (std L, a, b)); RGB floats in 0-1 in and out. A flat channel (std ~0, a
-    blank image) is only shifted, not stretched."""
+def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0):
+    """Match each image's per-channel CIELAB mean and standard deviation to ``reference``
+    ((mean L, a, b), (std L, a, b)); RGB floats in 0-1 in and out, channels last, numpy or
+    torch. The first ``batch_dims`` axes index separate images (e.g. 1 for (B, H, W, 3)). A flat
+    channel (std ~0, a blank image) is only shifted, not stretched."""
+    xp, _ = _xp(arr)
     lab = rgb_to_lab(arr)
-    flat = lab.reshape(-1, 3)
-    mean, std = flat.mean(0), flat.std(0)
-    ref_mean, ref_std = (np.asarray(v, dtype=np.float64) for v in reference)
-    gain = np.where(std > 1e-3, ref_std / np.maximum(std, 1e-3), 1.0)
-    return lab_to_rgb((lab - mean) * gain + ref_mean)
+    stats_shape = (*lab.shape[:batch_dims], *([1] * (lab.ndim - batch_dims - 1)), 3)
+    flat = lab.reshape(*lab.shape[:batch_dims], -1, 3)
+    mean = flat.mean(-2)
+    std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
+    ref_mean, ref_std = (_const(v, lab) for v in reference)
+    gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), 1.0 + 0 * std)
+    return lab_to_rgb((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape) + ref_mean)
 
 
 _COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard}

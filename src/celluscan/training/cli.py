@@ -102,7 +102,7 @@ def _train(cfg, run_dir: Path, ctx, resume_state, init_from, dump_config, barrie
     data = load_train_data(cfg.data.dataset, cfg.data.cache_size or cfg.model.image_size,
                            subset_fraction=cfg.data.subset_fraction, seed=cfg.seed,
                            cache_dir=cfg.data.cache_dir, workers=cfg.data.workers,
-                           canonical=cfg.data.canonical)
+                           canonical=cfg.data.canonical, colour_stage=cfg.data.colour_stage)
     if ctx.is_main:
         barrier()
     if resume_state is not None:

@@ -77,6 +77,11 @@ class DataConfig:
     preprocessing, at inference (data.canonical.CanonicalConfig fields, e.g.
     ``{framing: nucleus, colour: grey, framing_scale: 3.0}``); the default is plain pad and
     resize."""
+    colour_stage: Literal["cache", "batch"] = "cache"
+    """Where training applies ``canonical.colour``. ``cache``: to every image before caching,
+    so augmentation jitters already-normalised colours. ``batch``: after augmentation, on each
+    batch (data.batch_augment.colour_batch; ``reinhard`` only), so the model sees exactly what
+    inference gives it: a shifted image, then normalised. Inference is the same either way."""
 
 
 @dataclass

@@ -53,17 +53,21 @@ class TrainData:
     pad_fill: str = "edge"
     info: dict = field(default_factory=dict)
     canonical: dict | None = None
-    """The data.canonical settings the images were preprocessed with (None: plain)."""
+    """The data.canonical settings of the model's preprocessing (None: plain)."""
+    batch_colour: str = "none"
+    """A colour step the cached images still need, applied per batch (``colour_stage: batch``)."""
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 512) -> tuple[list[float], list[float]]:
+def channel_stats(images: torch.Tensor, chunk: int = 512, colour: str = "none") -> tuple[list[float], list[float]]:
     """Per-channel mean and std (0-1 scale) of uint8 images (N, 3, S, S), through the same
-    arithmetic as the ingest's statistics (data.stats.combine)."""
+    arithmetic as the ingest's statistics (data.stats.combine), after the batched colour step
+    ``colour`` (data.batch_augment.colour_batch)."""
+    from celluscan.data.batch_augment import colour_batch
     from celluscan.data.stats import PixelSums, combine
 
     sums = []
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.float64) / 255.0
+        x = colour_batch(images[i:i + chunk].to(torch.float64) / 255.0, colour)
         sums.append(PixelSums(tuple(x.sum(dim=(0, 2, 3)).tolist()), tuple((x * x).sum(dim=(0, 2, 3)).tolist()),
                               int(x.shape[0] * x.shape[2] * x.shape[3])))
     mean, std = combine(sums)
@@ -77,12 +81,17 @@ def _split(cache, mask: torch.Tensor) -> SplitTensors:
 
 def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 1.0, seed: int = 0,
                     cache_dir: str | Path | None = None, workers: int = 2,
-                    canonical=None) -> TrainData:
+                    canonical=None, colour_stage: str = "cache") -> TrainData:
     """Decode (or load the cached) dataset at ``size`` px and split it.
 
     With ``canonical`` (data.canonical settings) every image is canonicalised before caching,
     and mean/std are recomputed on the canonicalised training split (the ingest's stats.json
-    describes the plain images)."""
+    describes the plain images). With ``colour_stage="batch"`` the cache holds the framing only
+    and the colour step is left to each batch (``TrainData.batch_colour``); mean/std are then
+    measured after that step."""
+    from dataclasses import replace
+
+    from celluscan.data.batch_augment import BATCH_COLOURS
     from celluscan.data.canonical import CanonicalConfig
     from celluscan.data.datasets import read_manifest
     from celluscan.data.split import training_subset
@@ -99,11 +108,19 @@ def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 
     if unsplit:
         raise ValueError(f"{manifest}: {len(unsplit)} row(s) have no train/val/test split "
                          f"(e.g. {unsplit[0]}); run `celluscan ingest` to split the dataset")
+    canon = CanonicalConfig.coerce(canonical)
+    if colour_stage not in ("cache", "batch"):
+        raise ValueError(f"colour_stage must be 'cache' or 'batch', got {colour_stage!r}")
+    batch_colour = canon.colour if colour_stage == "batch" else "none"
+    if batch_colour not in BATCH_COLOURS:
+        raise ValueError(f"canonical colour {canon.colour!r} cannot run per batch "
+                         f"(colour_stage: batch supports {', '.join(BATCH_COLOURS[1:])})")
+    cached_canon = replace(canon, colour="none") if batch_colour != "none" else canon
     stats = read_stats(ddir)
     fill = stats.get("pad_fill", "edge")
     cache = TensorCache.build(rows, size, dataset_dir=ddir, ingest_size=int(stats["image_size"]),
                               fill=fill if isinstance(fill, str) else "edge", workers=workers,
-                              canonical=canonical,
+                              canonical=cached_canon,
                               cache_dir=Path(cache_dir) if cache_dir else ddir / "cache")
     splits = cache.splits
     is_train = torch.tensor([s == "train" for s in splits])
@@ -120,13 +137,12 @@ def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 
         raise ValueError(f"{manifest}: need training and validation images, found "
                          f"{len(train)} train and {len(val)} val (after the subset)")
     test = _split(cache, is_test) if bool(is_test.any()) else None
-    canon = CanonicalConfig.coerce(canonical)
     mean, std = list(stats["mean"]), list(stats["std"])
     if canon.active:
-        mean, std = channel_stats(train.images)
+        mean, std = channel_stats(train.images, colour=batch_colour)
     return TrainData(
         train=train, val=val, test=test, mean=mean, std=std,
-        canonical=canon.to_dict() if canon.active else None,
+        canonical=canon.to_dict() if canon.active else None, batch_colour=batch_colour,
         pad_fill=fill if isinstance(fill, str) else "edge",
         info={"dataset": str(ddir), "cache_size": size, "subset_fraction": subset_fraction,
               "train_images": len(train), "val_images": len(val),

@@ -144,8 +144,9 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
 
         image_size = m.image_size
-        self.augment = BatchAugment(cfg.data.augment, image_size, data.mean, data.std).to(self.device)
-        self.eval_pre = EvalPreprocess(image_size, data.mean, data.std).to(self.device)
+        self.augment = BatchAugment(cfg.data.augment, image_size, data.mean, data.std,
+                                    colour=data.batch_colour).to(self.device)
+        self.eval_pre = EvalPreprocess(image_size, data.mean, data.std, colour=data.batch_colour).to(self.device)
         t = cfg.train
         self.mixer = BatchMixer(len(self.class_names), t.mixup_alpha, t.cutmix_alpha, t.mix_prob, t.label_smoothing)
 
