@@ -132,10 +132,13 @@ def border_colour(x: torch.Tensor) -> torch.Tensor:
     return border.median(dim=2).values[:, :, None, None]
 
 
-def background_fill(x: torch.Tensor) -> torch.Tensor:
+def background_fill(x: torch.Tensor, work_size: int = 40) -> torch.Tensor:
     """Each image's background colour, the per-channel median of its brightest quarter of
-    pixels (as data.canonical.background_colour): (B,3,H,W) float -> (B,3,1,1)."""
+    pixels (as data.canonical.background_colour), estimated on a ``work_size`` px average-pooled
+    copy: (B,3,H,W) float -> (B,3,1,1)."""
     b = x.shape[0]
+    if x.shape[-1] > work_size:
+        x = F.adaptive_avg_pool2d(x, work_size)
     pix = x.flatten(2)  # (B,3,P)
     lum = (pix * torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1)).sum(1)
     cut = lum.quantile(0.75, dim=1, keepdim=True)  # (B,1)
@@ -234,8 +237,10 @@ class BatchAugment(nn.Module):
         pos = (torch.arange(size, device=dev, dtype=x.dtype) + 0.5) / size
         inside_x = (pos[None, :] - centre[0][:, None]).abs() <= half[:, None]  # (B, W)
         inside_y = (pos[None, :] - centre[1][:, None]).abs() <= half[:, None]  # (B, H)
-        keep = (inside_y[:, :, None] & inside_x[:, None, :]) | ~on.view(b, 1, 1)
-        return torch.where(keep[:, None], x, background_fill(x))
+        keep = inside_y[on][:, :, None] & inside_x[on][:, None, :]  # (n_on, H, W)
+        x = x.clone()
+        x[on] = torch.where(keep[:, None], x[on], background_fill(x[on]))
+        return x
 
     # ---- 3. stain and colour ----
     def _stain_colour(self, x: torch.Tensor) -> torch.Tensor:
