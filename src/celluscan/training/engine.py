@@ -433,7 +433,7 @@ class Trainer:
                 "threshold": stats.threshold}
         save_ood(model_dir, stats, info)
         self.log(f"unfamiliar-image detector: Mahalanobis on [CLS] features, threshold {stats.threshold:.1f} "
-                 f"flags {OOD_VAL_FLAG_RATE:.0%} of validation images")
+                 f"flags {OOD_VAL_FLAG_RATE:.1%} of validation images")
         return info
 
     def _final_report(self) -> dict:
