@@ -192,7 +192,7 @@ class EvalConfig:
     """Evaluate the best model on the test split at the end (RUN/metrics.json)."""
     fit_ood: bool = True
     """Fit the unfamiliar-image detector (class-conditional Mahalanobis distance on the [CLS]
-    features of the training split; threshold flags 4% of validation images, under the 5% ceiling) and store it in
+    features of the training split; threshold flags 3.5% of validation images, under the 5% ceiling) and store it in
     the exported model directory (ood.safetensors + metadata.ood)."""
 
 
