@@ -146,13 +146,17 @@ def background_fill(x: torch.Tensor, work_size: int = 40) -> torch.Tensor:
     return bright.nanmedian(dim=2).values.view(b, 3, 1, 1)
 
 
+def _check_batch_colour(mode: str) -> None:
+    if mode not in BATCH_COLOURS:
+        raise ValueError(f"colour step {mode!r} has no batched form; use one of {BATCH_COLOURS}")
+
+
 def colour_batch(x: torch.Tensor, mode: str) -> torch.Tensor:
     """The canonical colour step ``mode`` on a float (B,3,H,W) batch in 0-1, image by image,
     with the same arithmetic as inference's (data.canonical)."""
+    _check_batch_colour(mode)
     if mode == "none":
         return x
-    if mode != "reinhard":
-        raise ValueError(f"colour step {mode!r} has no batched form; use one of {BATCH_COLOURS}")
     from celluscan.data.canonical import reinhard
 
     return reinhard(x.permute(0, 2, 3, 1), batch_dims=1).permute(0, 3, 1, 2).contiguous()
@@ -167,8 +171,7 @@ class BatchAugment(nn.Module):
 
     def __init__(self, cfg: AugmentConfig, out_size: int, mean, std, colour: str = "none"):
         super().__init__()
-        if colour not in BATCH_COLOURS:
-            raise ValueError(f"colour must be one of {BATCH_COLOURS}, got {colour!r}")
+        _check_batch_colour(colour)
         self.cfg = cfg
         self.out_size = int(out_size)
         self.colour = colour
@@ -345,8 +348,7 @@ class EvalPreprocess(nn.Module):
 
     def __init__(self, out_size: int, mean, std, colour: str = "none"):
         super().__init__()
-        if colour not in BATCH_COLOURS:
-            raise ValueError(f"colour must be one of {BATCH_COLOURS}, got {colour!r}")
+        _check_batch_colour(colour)
         self.out_size = int(out_size)
         self.colour = colour
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))

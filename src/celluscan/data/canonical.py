@@ -209,7 +209,7 @@ def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0):
     mean = flat.mean(-2)
     std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
     ref_mean, ref_std = (_const(v, lab) for v in reference)
-    gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), 1.0 + 0 * std)
+    gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), xp.ones_like(std))
     return lab_to_rgb((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape) + ref_mean)
 
 
