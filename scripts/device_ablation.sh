@@ -27,17 +27,18 @@ from celluscan.training.data_source import load_train_data
 for path in sys.argv[1:]:
     cfg = load_config(path)
     d = load_train_data('datasets/blood-cells-160', cfg.data.cache_size or cfg.model.image_size, workers=16,
-                        canonical=cfg.data.canonical)
-    print('cache ok', path, len(d.train), len(d.val), len(d.test), flush=True)
+                        canonical=cfg.data.canonical, colour_stage=cfg.data.colour_stage)
+    print('cache ok', path, len(d.train), len(d.val), len(d.test or ()), flush=True)
 PY
-  # SMOKE=0 skips the CUDA smoke test; PROBE=0 EPOCHS=N trains N epochs without the timing probe
+  # SMOKE=0 skips the CUDA smoke test; PROBE=0 EPOCHS=N trains N epochs without the timing probe;
+  # SETS='a.b=1 c=2' adds overrides for every run (eval.test_at_end=false for a copy without test images)
   if [ "${SMOKE:-1}" = 1 ] && ! timeout 150 python3 -m celluscan train --config "${CONFIGS[0]}" --out /tmp/smoke \
       --set data.dataset=datasets/blood-cells-160 model.name=vit_test model.image_size=32 train.epochs=1 data.subset_fraction=0.05; then
     echo "CUDA smoke test failed: falling back to the CPU"; DEV=cpu
   fi
   python3 scripts/ablation.py "${CONFIGS[@]}" --dataset datasets/blood-cells-160 --out $ABL \
       --budget-min "$BUDGET" --parallel "$PARALLEL" $([ "${PROBE:-1}" = 1 ] && echo --probe) \
-      --finish-reserve-s 50 --set device=$DEV ${EPOCHS:+train.epochs=$EPOCHS}
+      --finish-reserve-s 50 --set device=$DEV ${EPOCHS:+train.epochs=$EPOCHS} ${SETS:-}
   date
 } 2>&1 | tee "$OUT/log.txt"
 python3 - "$ABL" "$OUT" <<'PY'

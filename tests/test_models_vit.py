@@ -169,3 +169,26 @@ def test_vit_b_16_parameter_count_matches_torchvision():
     count = sum(p.numel() for p in ours.parameters())
     assert count == 86_567_656
     assert count == sum(p.numel() for p in theirs.parameters())
+
+
+def test_drop_path_rates_training_only_and_per_sample():
+    model = create_model("vit_test", num_classes=4, drop_path=0.5)
+    rates = [block.drop_path.p for block in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5) and rates == sorted(rates)
+    x = torch.randn(64, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)  # evaluation: stochastic depth is the identity
+    model.train()
+    last = model.blocks[-1].drop_path
+    branch = torch.ones(256, 5, 8)
+    out = last(branch)
+    kept = out[:, 0, 0] > 0
+    # whole samples are dropped or kept (scaled by 1/(1-p)), about half of them at p = 0.5
+    assert torch.all((out == 0) | (out == 2.0))
+    assert torch.all(out == out[:, :1, :1])
+    assert 0.3 < kept.float().mean().item() < 0.7
+    assert ViTConfig.from_dict(model.config.to_dict()).drop_path == 0.5
+    with pytest.raises(ValueError, match="drop_path"):
+        create_model("vit_test", drop_path=1.0)

@@ -79,6 +79,7 @@ class ViTConfig:
     num_classes: int = 14
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    drop_path: float = 0.0
     conv_stem: bool = False
     fused_attn: bool = True
     layer_norm_eps: float = 1e-6
@@ -96,7 +97,7 @@ class ViTConfig:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if not problems and self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        for f in ("dropout", "attention_dropout"):
+        for f in ("dropout", "attention_dropout", "drop_path"):
             if not 0.0 <= float(getattr(self, f)) < 1.0:
                 problems.append(f"{f} must be in [0, 1), got {getattr(self, f)!r}")
         if self.conv_stem and (self.patch_size & (self.patch_size - 1)) != 0:
@@ -245,13 +246,32 @@ class MLP(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch for a whole sample with
+    probability ``p`` and scale the kept ones by 1/(1-p); the identity at evaluation."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
 class EncoderBlock(nn.Module):
     """Pre-norm transformer block.  (B, T, D) -> (B, T, D).
 
-    x = x + Attention(LayerNorm(x));  x = x + MLP(LayerNorm(x))
+    x = x + DropPath(Attention(LayerNorm(x)));  x = x + DropPath(MLP(LayerNorm(x)))
     """
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         dim = config.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -259,10 +279,11 @@ class EncoderBlock(nn.Module):
                               config.fused_attn)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = MLP(dim, config.mlp_dim, config.dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int],
@@ -311,7 +332,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim))
         self.pos_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.depth))
+        # stochastic depth grows linearly with depth, from 0 at the first block to drop_path
+        rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(EncoderBlock(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.head = nn.Linear(dim, config.num_classes)
         self.reset_parameters()

@@ -96,6 +96,9 @@ class ModelConfig:
     """Replace the 16x16 patchify conv by a small convolutional stem."""
     dropout: float = 0.0
     """Dropout in the MLPs and after the position embeddings."""
+    drop_path: float = 0.0
+    """Stochastic depth: the chance of skipping a block's residual branch for a sample, rising
+    linearly from 0 at the first block to this value at the last (training only)."""
     pretrained: str | None = None
     """Optional local weights file (safetensors) to start from (models.load_pretrained)."""
     finetune: Literal["full", "linear_probe", "last_n_blocks"] = "full"

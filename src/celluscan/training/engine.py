@@ -112,7 +112,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         m = cfg.model
         model = create_model(m.name, num_classes=len(self.class_names), image_size=m.image_size,
-                             conv_stem=m.conv_stem, dropout=m.dropout)
+                             conv_stem=m.conv_stem, dropout=m.dropout,
+                             drop_path=m.drop_path)
         if m.pretrained:
             report = load_pretrained(model, m.pretrained)
             self.log(f"loaded pretrained weights from {m.pretrained} ({report.num_tensors} tensors)")
