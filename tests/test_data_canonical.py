@@ -12,11 +12,14 @@ from celluscan.data.canonical import (
     apply_colour,
     background_colour,
     REINHARD_REFERENCE,
+    STAIN_ANCHOR_REFERENCE,
     find_nucleus,
     lab_to_rgb,
     reframe,
     reinhard,
     rgb_to_lab,
+    stain_anchor,
+    stain_anchors,
     white_balance,
 )
 from celluscan.data.tensor_cache import TensorCache
@@ -152,6 +155,39 @@ def test_reinhard_moves_any_stain_onto_the_reference():
     img = Image.fromarray((pbc * 255).astype(np.uint8))
     assert np.asarray(apply_colour(img, "reinhard")).shape == (120, 120, 3)
     assert CanonicalConfig(colour="reinhard").key().split(":")[1] == "reinhard"
+
+
+
+def _restain(arr: np.ndarray, bg, density_gain) -> np.ndarray:
+    """The same slide under another lab's light (background ``bg``) and stain strength: each
+    channel's optical density against the white background scaled by ``density_gain``."""
+    od = -np.log(np.clip(arr / background_colour(arr), 1e-3, 1.0))
+    return np.asarray(bg, np.float32) * np.exp(-od * np.asarray(density_gain, np.float32))
+
+
+def test_stain_anchor_maps_background_and_nucleus_onto_the_reference():
+    pbc = np.asarray(smear(120, PBC_BG, (60, 60), 20, red_cells=[(20, 25, 14), (95, 90, 14)]), np.float32) / 255
+    out = stain_anchor(pbc)
+    ref_bg, ref_nucleus = (np.asarray(v) for v in STAIN_ANCHOR_REFERENCE)
+    bg, nucleus = stain_anchors(out)
+    assert np.allclose(bg, ref_bg, atol=0.01)
+    assert np.allclose(nucleus, ref_nucleus, atol=0.05)
+    assert np.allclose(out[60, 60], ref_bg * np.exp(-ref_nucleus), atol=0.02)  # the nucleus colour
+    # another lab: yellow light and a stain 1.6x stronger in red, 0.7x in blue
+    other = _restain(pbc, (0.95, 0.9, 0.6), (1.6, 1.0, 0.7))
+    assert np.abs(pbc - other).mean() > 0.05
+    assert np.abs(stain_anchor(other) - out).max() < 0.03  # ... the anchors undo both
+    # unlike Reinhard, the result does not depend on how much background the frame holds
+    wide = np.asarray(smear(240, PBC_BG, (120, 120), 20, red_cells=[(80, 85, 14), (155, 150, 14)]), np.float32) / 255
+    assert np.abs(stain_anchor(wide)[60:180, 60:180] - out).max() < 0.03
+    assert np.abs(reinhard(wide)[60:180, 60:180] - reinhard(pbc)).max() > 0.05
+    # a blank image (no nucleus) only gets the reference background
+    blank = np.full((16, 16, 3), (0.9, 0.85, 0.5), np.float32)
+    assert stain_anchors(blank)[1] is None
+    assert np.allclose(stain_anchor(blank), ref_bg, atol=1e-3)
+    img = Image.fromarray((pbc * 255).astype(np.uint8))
+    assert np.asarray(apply_colour(img, "stain_anchor")).shape == (120, 120, 3)
+    assert CanonicalConfig(colour="stain_anchor").key().split(":")[1] == "stain_anchor"
 
 
 def test_reinhard_runs_in_the_input_precision_and_agrees_across_them():

@@ -22,6 +22,12 @@ identically at training (before the tensor cache) and at inference (inside ``pre
   a reference (:data:`REINHARD_REFERENCE`, our training split after nucleus framing; Reinhard
   et al. 2001, "Color transfer between images"): brightness, contrast, stain hue and saturation
   of every lab moved onto ours. Applied after the resize, so it costs little.
+  ``"stain_anchor"``: two fixed points instead of whole-image statistics. Each channel's
+  optical density against the image's own background (Beer-Lambert: -log(pixel / background))
+  is scaled so that the nucleus (the pixels the nucleus threshold keeps) gets a reference
+  density, and the background is then painted with a reference colour
+  (:data:`STAIN_ANCHOR_REFERENCE`). Unlike Reinhard it does not depend on how much of the frame
+  is background, red cells or cell, which a tight crop from another lab changes.
 
 Everything here is numpy + Pillow (the colour arithmetic also runs on torch tensors, for the
 batched training path), deterministic, and works at any input resolution.
@@ -52,18 +58,29 @@ __all__ = [
     "lab_to_rgb",
     "reinhard",
     "REINHARD_REFERENCE",
+    "stain_anchor",
+    "STAIN_ANCHOR_REFERENCE",
 ]
 
 WORK_SIZE = 128
 """Side (px) of the downscaled copy the nucleus is searched on."""
 
 
-COLOUR_MODES = ("none", "white_balance", "grey", "reinhard")
+COLOUR_MODES = ("none", "white_balance", "grey", "reinhard", "stain_anchor")
 
 REINHARD_REFERENCE = ((76.75, 13.03, 1.14), (19.06, 12.53, 18.68))
 """CIELAB (mean, standard deviation) per channel (L*, a*, b*) that ``"reinhard"`` maps every
 image to: the averages over 800 random training-split images of ``datasets/blood-cells``
-after nucleus framing (scale 3) at 128 px, as the shipped model sees them."""
+after nucleus framing (scale 3) at 128 px, as the shipped model sees them
+(``scripts/colour_reference.py`` reproduces it)."""
+
+STAIN_ANCHOR_REFERENCE = ((0.9961, 0.898, 0.7922), (1.045, 1.846, 0.3738))
+"""(background RGB in 0-1, nucleus optical density per channel) that ``"stain_anchor"`` maps
+every image to: medians over random training images of ``datasets/blood-cells`` after nucleus
+framing (scale 3) at 128 px (``scripts/colour_reference.py``)."""
+
+STAIN_ANCHOR_GAIN = (1 / 3, 3.0)
+"""Range of the per-channel density gain, so a mis-found nucleus cannot blow an image up."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,7 @@ class CanonicalConfig:
     """How images are canonicalised before resizing (stored in a model's preprocessing)."""
 
     framing: Literal["none", "nucleus"] = "none"
-    colour: Literal["none", "white_balance", "grey", "reinhard"] = "none"
+    colour: Literal["none", "white_balance", "grey", "reinhard", "stain_anchor"] = "none"
     framing_scale: float = 4.0
     """Canvas side / nucleus size (sqrt of its area). Default: the median for our training
     images, so a typical PBC crop keeps roughly its own framing (docs/data.md)."""
@@ -213,7 +230,39 @@ def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0):
     return lab_to_rgb((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape) + ref_mean)
 
 
-_COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard}
+def optical_density(arr: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Per-channel optical density against the background colour: -log(pixel / background),
+    0 for background, larger where more stain absorbs (clamped at 1e-3 transmission)."""
+    return -np.log(np.clip(arr / np.maximum(bg, 0.25), 1e-3, 1.0))
+
+
+def stain_anchors(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(background colour, nucleus optical density per channel)`` of an RGB float image; the
+    nucleus is the pixels whose red-channel density passes the nucleus threshold (Otsu, floored
+    at :data:`MIN_NUCLEUS_OD`, as in :func:`find_nucleus`), None when fewer than 8 do."""
+    bg = background_colour(arr)
+    od = optical_density(arr, bg)
+    mask = od[..., 0] >= max(_otsu(od[..., 0].ravel()), MIN_NUCLEUS_OD)
+    if np.count_nonzero(mask) < 8:
+        return bg, None
+    return bg, np.median(od[mask], axis=0)
+
+
+def stain_anchor(arr: np.ndarray, reference=STAIN_ANCHOR_REFERENCE) -> np.ndarray:
+    """Scale each channel's optical density so the nucleus gets the reference density, and
+    repaint the background with the reference colour (RGB floats in 0-1, channels last). An
+    image without a detectable nucleus keeps its densities (gain 1) and gets the reference
+    background only."""
+    ref_bg, ref_nucleus = (np.asarray(v, dtype=np.float32) for v in reference)
+    bg, nucleus = stain_anchors(arr)
+    od = optical_density(arr, bg)
+    gain = (np.ones(3, dtype=np.float32) if nucleus is None
+            else np.clip(ref_nucleus / np.maximum(nucleus, 1e-3), *STAIN_ANCHOR_GAIN).astype(np.float32))
+    return np.clip(ref_bg * np.exp(-od * gain), 0.0, 1.0).astype(np.float32)
+
+
+_COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard,
+                 "stain_anchor": stain_anchor}
 """The float-RGB function behind each colour mode but "none" (:data:`COLOUR_MODES`)."""
 
 
@@ -293,8 +342,7 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     sw, sh = small.size
     small_arr = _float_rgb(small)
     bg = background_colour(small_arr)
-    arr = white_balance(small_arr, bg)
-    od = -np.log(np.clip(arr[..., 0], 1e-3, 1.0))
+    od = optical_density(small_arr, bg)[..., 0]
     if float(od.max()) < MIN_NUCLEUS_OD:
         return None
     mask = od >= max(_otsu(od.ravel()), MIN_NUCLEUS_OD)
