@@ -114,3 +114,36 @@ def test_manifest_split_and_unknown_labels(tmp_path, model_dir, capsys):
                  "--skip-unknown"]) == 0
     m = json.loads((tmp_path / "o3" / "metrics.json").read_text())
     assert m["evaluated"] == 2 and m["unknown_labels"] == {"smudge_things": 2}
+
+
+def test_unfamiliar_flags_per_file_and_accuracy_with_and_without_them(tmp_path):
+    from celluscan.evaluation.ood import fit_mahalanobis, save_ood
+
+    torch.manual_seed(0)
+    model = create_model("vit_test")
+    path = save_model_dir(model, tmp_path / "model", CLASSES,
+                          {"image_size": 32, "mean": [0.7, 0.6, 0.7], "std": [0.25, 0.25, 0.25]}, {})
+    feats = torch.randn(64, model.config.embed_dim)
+    stats = fit_mahalanobis(feats, torch.zeros(64, dtype=torch.long), len(CLASSES))
+    data = _tree(tmp_path / "data", {"lymphocyte": "lymphocyte", "eosinophil": "eosinophil",
+                                     "basophil": "basophil"}, n=4)
+
+    def evaluate(threshold, out):
+        stats.threshold = threshold
+        save_ood(path, stats)
+        assert main(["evaluate", str(data), "--model", str(path), "--output-dir", str(out)]) == 0
+        return json.loads((out / "metrics.json").read_text())["unfamiliar"], _predictions(out)
+
+    summary, rows = evaluate(float("inf"), tmp_path / "none")
+    assert summary["flagged"] == 0 and {r["unfamiliar"] for r in rows} == {"false"}
+    assert summary["accuracy_flagged"] is None
+    scores = sorted(float(r["unfamiliar_score"]) for r in rows)
+    threshold = (scores[5] + scores[6]) / 2  # flag the 6 least familiar of 12
+    summary, rows = evaluate(threshold, tmp_path / "half")
+    flagged = [r for r in rows if r["unfamiliar"] == "true"]
+    assert len(flagged) == summary["flagged"] == 6 and summary["flagged_rate"] == pytest.approx(0.5)
+    assert all(float(r["unfamiliar_score"]) > threshold for r in flagged)
+    kept = [r for r in rows if r["unfamiliar"] == "false"]
+    assert summary["accuracy_not_flagged"] == pytest.approx(np.mean([r["correct"] == "1" for r in kept]))
+    assert summary["accuracy_flagged"] == pytest.approx(np.mean([r["correct"] == "1" for r in flagged]))
+    assert "6 of 12 images flagged unfamiliar" in (tmp_path / "half" / "per_class.md").read_text()

@@ -9,7 +9,9 @@ hold only some classes. With ``--coarse`` labels are coarse (e.g. an external se
 
 Writes to OUT: metrics.json, per_class.md, predictions.csv (one row per file, errors included),
 confusion_counts.png, confusion_normalised.png, reliability.png. Unreadable files are listed as
-errors; they never stop the run.
+errors; they never stop the run. Every prediction carries the model's unfamiliar-image flag, and
+the summary says how many images were flagged and how often the model was right on the images it
+did not flag and on those it did (``unfamiliar`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -133,13 +135,31 @@ def coarse_metrics(labels: list[str], predicted: list[str]) -> dict:
 
 def _predictions_csv(rows: list[dict], class_names: list[str]) -> str:
     buf = io.StringIO()
-    cols = ["path", "label", "predicted", "confidence", "correct", "coarse_hit", "error"] + [
+    cols = ["path", "label", "predicted", "confidence", "correct", "coarse_hit", "unfamiliar",
+            "unfamiliar_score", "error"] + [
         f"p_{c}" for c in class_names]
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow(r)
     return buf.getvalue()
+
+
+def unfamiliar_summary(flags: list[bool], hits: list[bool | None], note: str = "") -> dict:
+    """How many images were flagged unfamiliar, and the hit rate (fine: correct class; coarse:
+    coarse hit) on the images not flagged and on those flagged (None where no image is in the
+    group or none of them has a label the hit rate can count)."""
+    def rate(group: bool) -> float | None:
+        scored = [h for f, h in zip(flags, hits) if f == group and h is not None]
+        return sum(scored) / len(scored) if scored else None
+
+    n_flagged = sum(flags)
+    out = {"images": len(flags), "flagged": n_flagged,
+           "flagged_rate": n_flagged / len(flags) if flags else 0.0,
+           "accuracy_not_flagged": rate(False), "accuracy_flagged": rate(True)}
+    if note:
+        out["note"] = note
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     by_path = {f.path: f for f in files}
     rows, errors, y_true, probs, predicted, truth = [], [], [], [], [], []
+    flags, hits, ood_note = [], [], ""
     class_names: list[str] | None = None
     with ProgressMeter(len(files), "evaluate", every_s=args.progress_every) as meter:
         for path, result in predictor.predict_paths([f.path for f in files]):
@@ -186,13 +207,21 @@ def run(args: argparse.Namespace) -> int:
             p = [float(result.probs[c]) for c in class_names]
             row = {"path": str(path), "label": item.label, "predicted": result.label,
                    "confidence": f"{result.confidence:.6f}", "error": "",
+                   "unfamiliar": "true" if result.unfamiliar else "false",
+                   "unfamiliar_score": f"{result.unfamiliar_score:.4f}",
                    **{f"p_{c}": f"{v:.6f}" for c, v in zip(class_names, p)}}
+            flags.append(bool(result.unfamiliar))
+            ood_note = ood_note or result.unfamiliar_note
+            hit = None
             if args.coarse:
-                row["coarse_hit"] = int(TAXONOMY.coarse_match(item.label, result.label))
+                hit = TAXONOMY.coarse_match(item.label, result.label)
+                row["coarse_hit"] = int(hit)
             if item.label in class_names:
                 row["correct"] = int(result.label == item.label)
+                hit = hit if args.coarse else result.label == item.label
                 y_true.append(class_names.index(item.label))
                 probs.append(p)
+            hits.append(hit)
             predicted.append(result.label)
             truth.append(item.label)
             rows.append(row)
@@ -221,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
                   for lab in labels]
         coarse_matrix = (matrix, labels, class_names)
         summary.setdefault("n", len(predicted))
+    summary["unfamiliar"] = unfamiliar_summary(flags, hits, ood_note)
     if not y_true and not args.coarse:
         summary["error"] = "no label is one of the model's classes"
         write_json(out / "metrics.json", summary)
@@ -234,5 +264,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coarse:
         c = summary["coarse"]
         line += f"; coarse balanced recall {c['balanced_recall']:.4f}, strict accuracy {c['strict_accuracy']:.4f}"
+    u = summary["unfamiliar"]
+    line += f"; flagged unfamiliar {u['flagged']} ({u['flagged_rate']:.1%})"
     print(line + f"\nreport: {out}")
     return 0

@@ -56,6 +56,17 @@ def per_class_markdown(metrics: Mapping, title: str = "Evaluation") -> str:
         lines += _table(metrics, "Classes")
     if "group" in metrics:
         lines += _table(metrics["group"], "Lineage groups", kind="group")
+    unfamiliar = metrics.get("unfamiliar")
+    if unfamiliar:
+        def pct(v):
+            return "n/a" if v is None else f"{v:.3f}"
+        lines += ["## Unfamiliar-image flag", "",
+                  f"{unfamiliar['flagged']} of {unfamiliar['images']} images flagged unfamiliar "
+                  f"({unfamiliar['flagged_rate']:.1%}). Hit rate on the images not flagged: "
+                  f"{pct(unfamiliar['accuracy_not_flagged'])}; on the flagged ones: "
+                  f"{pct(unfamiliar['accuracy_flagged'])}.", ""]
+        if unfamiliar.get("note"):
+            lines += [f"Note: {unfamiliar['note']}", ""]
     coarse = metrics.get("coarse")
     if coarse:
         lines += ["## Coarse labels", "",
