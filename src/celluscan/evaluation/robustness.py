@@ -166,6 +166,9 @@ def external_report(predictions: Sequence[tuple[ExternalImage, object]]) -> dict
             "coarse_recall_per_class": per_class,
             "strict_accuracy": float(np.mean([t == p for t, p in pairs])) if n else float("nan"),
             "false_alarm_rate": sum(p in alarm for _, p in pairs) / n if n else float("nan"),
+            # the false alarms a user would see without the unfamiliar warning beside them
+            "unflagged_false_alarm_rate": sum(pred.label in alarm and not getattr(pred, "unfamiliar", False)
+                                              for _, pred in items) / n if n else float("nan"),
             "predicted_share": {c: shares[c] / n for c in TAXONOMY.ids if shares[c]},
             "unfamiliar_rate": float(np.mean([bool(getattr(p, "unfamiliar", False)) for _, p in items])) if n else float("nan"),
         }
