@@ -236,16 +236,21 @@ def optical_density(arr: np.ndarray, bg: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(arr / np.maximum(bg, 0.25), 1e-3, 1.0))
 
 
+def _densities(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(background, optical density image, nucleus density or None)``: see :func:`stain_anchors`."""
+    bg = background_colour(arr)
+    od = optical_density(arr, bg)
+    mask = od[..., 0] >= max(_otsu(od[..., 0].ravel()), MIN_NUCLEUS_OD)
+    nucleus = np.median(od[mask], axis=0) if np.count_nonzero(mask) >= 8 else None
+    return bg, od, nucleus
+
+
 def stain_anchors(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(background colour, nucleus optical density per channel)`` of an RGB float image; the
     nucleus is the pixels whose red-channel density passes the nucleus threshold (Otsu, floored
     at :data:`MIN_NUCLEUS_OD`, as in :func:`find_nucleus`), None when fewer than 8 do."""
-    bg = background_colour(arr)
-    od = optical_density(arr, bg)
-    mask = od[..., 0] >= max(_otsu(od[..., 0].ravel()), MIN_NUCLEUS_OD)
-    if np.count_nonzero(mask) < 8:
-        return bg, None
-    return bg, np.median(od[mask], axis=0)
+    bg, _, nucleus = _densities(arr)
+    return bg, nucleus
 
 
 def stain_anchor(arr: np.ndarray, reference=STAIN_ANCHOR_REFERENCE) -> np.ndarray:
@@ -254,8 +259,7 @@ def stain_anchor(arr: np.ndarray, reference=STAIN_ANCHOR_REFERENCE) -> np.ndarra
     image without a detectable nucleus keeps its densities (gain 1) and gets the reference
     background only."""
     ref_bg, ref_nucleus = (np.asarray(v, dtype=np.float32) for v in reference)
-    bg, nucleus = stain_anchors(arr)
-    od = optical_density(arr, bg)
+    _, od, nucleus = _densities(arr)
     gain = (np.ones(3, dtype=np.float32) if nucleus is None
             else np.clip(ref_nucleus / np.maximum(nucleus, 1e-3), *STAIN_ANCHOR_GAIN).astype(np.float32))
     return np.clip(ref_bg * np.exp(-od * gain), 0.0, 1.0).astype(np.float32)
