@@ -147,3 +147,22 @@ def test_unfamiliar_flags_per_file_and_accuracy_with_and_without_them(tmp_path):
     assert summary["accuracy_not_flagged"] == pytest.approx(np.mean([r["correct"] == "1" for r in kept]))
     assert summary["accuracy_flagged"] == pytest.approx(np.mean([r["correct"] == "1" for r in flagged]))
     assert "6 of 12 images flagged unfamiliar" in (tmp_path / "half" / "per_class.md").read_text()
+
+
+def test_without_model_evaluates_the_shipped_model(tmp_path, capsys):
+    from pathlib import Path
+
+    import celluscan
+
+    samples = Path(celluscan.__file__).parent / "assets" / "samples"
+    data = tmp_path / "data"
+    for label in ("lymphocyte", "eosinophil"):
+        (data / label).mkdir(parents=True)
+        for f in sorted((samples / label).iterdir()):
+            (data / label / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    assert main(["evaluate", str(data), "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "shipped default" and metrics["evaluated"] == metrics["images"] >= 4
+    assert metrics["accuracy"] >= 0.75  # the shipped model knows these classes' samples
+    assert "unfamiliar" in metrics and "flagged unfamiliar" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``celluscan evaluate DATA --model MODEL_DIR --output-dir OUT``: score a model on labelled images.
+"""``celluscan evaluate DATA [--model MODEL_DIR] --output-dir OUT``: score a model (default: the
+shipped one) on labelled images.
 
 DATA is a folder-per-class tree (folder names and file-name codes mapped to classes by
 ``taxonomy.LabelMapper``; ``--label-map`` adds your own names), a ``manifest.csv``, or a folder
@@ -29,7 +30,8 @@ HELP = "evaluate a model on a folder-per-class tree or a manifest"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", type=Path, help="folder-per-class tree, manifest.csv, or a dataset folder")
-    parser.add_argument("--model", type=Path, required=True, help="model directory (config.json + model.safetensors)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory (config.json + model.safetensors); default: the shipped model")
     parser.add_argument("--output-dir", type=Path, required=True, help="where the report is written")
     parser.add_argument("--split", choices=("train", "val", "test"), help="only this split of a manifest")
     parser.add_argument("--coarse", action="store_true",
@@ -228,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "predictions.csv", _predictions_csv(rows, class_names or []))
-    summary: dict = {"data": notes.get("source"), "model": str(args.model), "split": args.split,
+    model_name = str(args.model) if args.model else "shipped default"
+    summary: dict = {"data": notes.get("source"), "model": model_name, "split": args.split,
                      "execution_path": predictor.path_name,
                      "images": len(files), "evaluated": len(predicted), "errors": errors,
                      "skipped_labels": notes.get("skipped_labels"), "unknown_labels": notes.get("unknown_labels")}
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(out / "metrics.json", summary)
         print("celluscan evaluate: error: no label matches the model's classes", file=sys.stderr)
         return 2
-    title = f"Evaluation of {args.model} on {args.data}" + (f" ({args.split})" if args.split else "")
+    title = f"Evaluation of {model_name} on {args.data}" + (f" ({args.split})" if args.split else "")
     write_report(out, summary, reliability, title=title, coarse_matrix=coarse_matrix)
     line = f"{len(predicted)} images evaluated, {len(errors)} unreadable"
     if y_true:
