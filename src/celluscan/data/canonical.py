@@ -233,14 +233,20 @@ def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0):
 def optical_density(arr: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """Per-channel optical density against the background colour: -log(pixel / background),
     0 for background, larger where more stain absorbs (clamped at 1e-3 transmission)."""
-    return -np.log(np.clip(arr / np.maximum(bg, 0.25), 1e-3, 1.0))
+    return -np.log(np.clip(white_balance(arr, bg), 1e-3, 1.0))
+
+
+def _nucleus_mask(red_od: np.ndarray) -> np.ndarray:
+    """Pixels dense enough in the red channel to be nucleus: Otsu's split of ``red_od``, floored
+    at :data:`MIN_NUCLEUS_OD` (shared by :func:`find_nucleus` and the stain anchors)."""
+    return red_od >= max(_otsu(red_od.ravel()), MIN_NUCLEUS_OD)
 
 
 def _densities(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(background, optical density image, nucleus density or None)``: see :func:`stain_anchors`."""
     bg = background_colour(arr)
     od = optical_density(arr, bg)
-    mask = od[..., 0] >= max(_otsu(od[..., 0].ravel()), MIN_NUCLEUS_OD)
+    mask = _nucleus_mask(od[..., 0])
     nucleus = np.median(od[mask], axis=0) if np.count_nonzero(mask) >= 8 else None
     return bg, od, nucleus
 
@@ -349,7 +355,7 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     od = optical_density(small_arr, bg)[..., 0]
     if float(od.max()) < MIN_NUCLEUS_OD:
         return None
-    mask = od >= max(_otsu(od.ravel()), MIN_NUCLEUS_OD)
+    mask = _nucleus_mask(od)
     dist = _centre_distance(sh, sw)
     side = max(sw, sh)
     seed = mask & (dist <= 0.12 * side)

@@ -219,8 +219,10 @@ def run(args: argparse.Namespace) -> int:
                 hit = TAXONOMY.coarse_match(item.label, result.label)
                 row["coarse_hit"] = int(hit)
             if item.label in class_names:
-                row["correct"] = int(result.label == item.label)
-                hit = hit if args.coarse else result.label == item.label
+                correct = result.label == item.label
+                row["correct"] = int(correct)
+                if not args.coarse:
+                    hit = correct
                 y_true.append(class_names.index(item.label))
                 probs.append(p)
             hits.append(hit)

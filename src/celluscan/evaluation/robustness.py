@@ -159,6 +159,7 @@ def external_report(predictions: Sequence[tuple[ExternalImage, object]]) -> dict
         pairs = [(img.coarse_label, pred.label) for img, pred in items]
         balanced, per_class = _balanced_recall(pairs)
         shares = Counter(pred.label for _, pred in items)
+        flagged = [bool(getattr(pred, "unfamiliar", False)) for _, pred in items]
         n = len(items)
         report[source] = {
             "images": n,
@@ -167,10 +168,10 @@ def external_report(predictions: Sequence[tuple[ExternalImage, object]]) -> dict
             "strict_accuracy": float(np.mean([t == p for t, p in pairs])) if n else float("nan"),
             "false_alarm_rate": sum(p in alarm for _, p in pairs) / n if n else float("nan"),
             # the false alarms a user would see without the unfamiliar warning beside them
-            "unflagged_false_alarm_rate": sum(pred.label in alarm and not getattr(pred, "unfamiliar", False)
-                                              for _, pred in items) / n if n else float("nan"),
+            "unflagged_false_alarm_rate": sum(p in alarm and not f for (_, p), f in zip(pairs, flagged)) / n
+                                          if n else float("nan"),
             "predicted_share": {c: shares[c] / n for c in TAXONOMY.ids if shares[c]},
-            "unfamiliar_rate": float(np.mean([bool(getattr(p, "unfamiliar", False)) for _, p in items])) if n else float("nan"),
+            "unfamiliar_rate": float(np.mean(flagged)) if n else float("nan"),
         }
     return report
 
