@@ -1,12 +1,13 @@
 """Measure the colour references that ``data.canonical`` maps every image to.
 
-    python scripts/colour_reference.py datasets/blood-cells [--images 800] [--size 128]
+    python scripts/colour_reference.py datasets/blood-cells [--images 800] [--size 128] [--region cell]
 
 Random training-split images (fixed seed) are framed on their nucleus (scale 3) and resized to
 ``--size`` px, as the shipped models see them, then:
 
 * ``REINHARD_REFERENCE``: the mean over images of each image's CIELAB mean and standard
-  deviation per channel;
+  deviation per channel (with ``--region cell``: ``REINHARD_CELL_REFERENCE``, the same measured
+  inside the cell disc only, ``data.canonical.cell_disc``);
 * ``STAIN_ANCHOR_REFERENCE``: the median over images of the background colour and of the
   nucleus optical density per channel (images without a detectable nucleus left out).
 
@@ -28,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=800)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--region", choices=("image", "cell"), default="image",
+                    help="measure the Reinhard statistics over the whole frame or the cell disc")
+    ap.add_argument("--cell-radius", type=float, default=0.36)
     args = ap.parse_args(argv)
 
-    from celluscan.data.canonical import CanonicalConfig, rgb_to_lab, stain_anchors
+    from celluscan.data.canonical import CanonicalConfig, cell_disc, rgb_to_lab, stain_anchors
     from celluscan.data.datasets import read_manifest
     from celluscan.data.imageio import load_image
     from celluscan.data.transforms import preprocess
@@ -43,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         img = preprocess(load_image(row.path), args.size, canonical=framing)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         lab = rgb_to_lab(arr).reshape(-1, 3)
-        lab_means.append(lab.mean(0))
-        lab_stds.append(lab.std(0))
+        w = (cell_disc(*arr.shape[:2], args.cell_radius).reshape(-1, 1) if args.region == "cell"
+             else np.ones((len(lab), 1), dtype=np.float32))
+        mean = (lab * w).sum(0) / w.sum()
+        lab_means.append(mean)
+        lab_stds.append(np.sqrt((((lab - mean) ** 2) * w).sum(0) / w.sum()))
         bg, nucleus = stain_anchors(arr)
         backgrounds.append(bg)
         if nucleus is not None:
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(v):
         return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
-    print(f"REINHARD_REFERENCE = ({fmt(np.mean(lab_means, 0))}, {fmt(np.mean(lab_stds, 0))})")
+    name = "REINHARD_CELL_REFERENCE" if args.region == "cell" else "REINHARD_REFERENCE"
+    print(f"{name} = ({fmt(np.mean(lab_means, 0))}, {fmt(np.mean(lab_stds, 0))})")
     print(f"STAIN_ANCHOR_REFERENCE = ({fmt(np.median(backgrounds, 0))}, {fmt(np.median(nuclei, 0))})"
           f"  # {len(nuclei)} of {len(rows)} images with a nucleus")
     return 0

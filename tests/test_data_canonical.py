@@ -291,3 +291,48 @@ def test_explanation_of_a_reframed_image_lies_on_the_region_the_model_saw(tmp_pa
     inside = np.zeros_like(heat, dtype=bool)
     inside[max(0, top):top + side, max(0, left):left + side] = True
     assert heat[~inside].max() == 0.0 and heat[inside].max() == pytest.approx(1.0)
+
+
+def test_cell_region_colour_ignores_how_much_background_a_crop_shows():
+    """``colour_region: cell`` measures Reinhard's statistics inside the cell disc: the same cell
+    with a large yellow background and with a small one comes out alike inside the disc, while
+    whole-image statistics (the default) let the background pull the cell's colours apart."""
+    from celluscan.data.canonical import REINHARD_CELL_REFERENCE, cell_disc
+
+    def frame(corner_r: int) -> np.ndarray:
+        # a cell (nucleus + pink cytoplasm) in the centre; red cells in the corners, outside the
+        # disc, cover more or less of the yellow background
+        corners = [(x, y, corner_r) for x in (8, 120) for y in (8, 120)]
+        return np.asarray(smear(128, YELLOW_BG, (64, 64), 16, red_cells=[(64, 64, 30)] + corners), np.float32) / 255
+
+    small_bg, big_bg = frame(22), frame(1)
+    cell = CanonicalConfig(colour="reinhard", colour_region="cell")
+    disc = cell_disc(128, 128, cell.cell_radius) > 0.99
+    whole = CanonicalConfig(colour="reinhard")
+    out = {name: [np.asarray(apply_colour(Image.fromarray((a * 255).astype(np.uint8)), cfg), np.float32)[disc] / 255
+                  for a in (small_bg, big_bg)] for name, cfg in (("cell", cell), ("whole", whole))}
+    assert np.abs(out["cell"][0] - out["cell"][1]).mean() < 0.01
+    assert np.abs(out["whole"][0] - out["whole"][1]).mean() > 0.03
+    # inside the disc the statistics land on the cell reference
+    lab = rgb_to_lab(out["cell"][1])
+    assert np.allclose(lab.mean(0), REINHARD_CELL_REFERENCE[0], atol=3.0)
+    with pytest.raises(ValueError, match="colour_region"):
+        CanonicalConfig(colour="grey", colour_region="cell")
+    with pytest.raises(ValueError, match="cell_radius"):
+        CanonicalConfig(cell_radius=0.9)
+    assert cell.key() != whole.key() and CanonicalConfig.from_dict(cell.to_dict()) == cell
+
+
+def test_mask_outside_cell_paints_everything_but_the_cell_disc():
+    from celluscan.data.canonical import BACKGROUND_REFERENCE, cell_disc
+
+    img = smear(100, YELLOW_BG, (50, 50), 12, red_cells=[(8, 8, 10), (92, 90, 10)])
+    cfg = CanonicalConfig(mask_outside_cell=True, cell_radius=0.3)
+    assert cfg.active and cfg.key() != ""
+    out = np.asarray(preprocess(img, 100, canonical=cfg), np.int16)
+    bg = np.round(np.asarray(BACKGROUND_REFERENCE) * 255)
+    disc = cell_disc(100, 100, 0.3)
+    outside, inside = disc == 0, disc == 1
+    assert np.abs(out[outside] - bg).max() <= 1  # red cells in the corners are gone
+    assert np.array_equal(out[inside], np.asarray(img, np.int16)[inside])  # the cell is untouched
+    assert np.abs(out[50, 50] - np.array(NUCLEUS)).max() <= 1

@@ -60,6 +60,10 @@ __all__ = [
     "REINHARD_REFERENCE",
     "stain_anchor",
     "STAIN_ANCHOR_REFERENCE",
+    "REINHARD_CELL_REFERENCE",
+    "BACKGROUND_REFERENCE",
+    "cell_disc",
+    "mask_outside_cell",
 ]
 
 WORK_SIZE = 128
@@ -79,6 +83,13 @@ STAIN_ANCHOR_REFERENCE = ((0.9961, 0.898, 0.7922), (1.045, 1.846, 0.3738))
 every image to: medians over random training images of ``datasets/blood-cells`` after nucleus
 framing (scale 3) at 128 px (``scripts/colour_reference.py``)."""
 
+REINHARD_CELL_REFERENCE = ((66.54, 20.0, -9.794), (23.69, 15.85, 24.17))
+"""The same statistics measured inside the cell disc only (``colour_region: cell``;
+``scripts/colour_reference.py --region cell``, 800 images, radius 0.36)."""
+
+BACKGROUND_REFERENCE = STAIN_ANCHOR_REFERENCE[0]
+"""Our training images' background colour (RGB 0-1): what ``mask_outside_cell`` paints."""
+
 STAIN_ANCHOR_GAIN = (1 / 3, 3.0)
 """Range of the per-channel density gain, so a mis-found nucleus cannot blow an image up."""
 
@@ -94,6 +105,19 @@ class CanonicalConfig:
     images, so a typical PBC crop keeps roughly its own framing (docs/data.md)."""
     min_canvas: float = 0.5
     max_canvas: float = 3.0
+    colour_region: Literal["image", "cell"] = "image"
+    """Where ``"reinhard"`` measures an image's statistics: the whole frame, or only the cell
+    disc (:attr:`cell_radius`), so background and red cells (how much of them a lab's crop
+    shows, how yellow its background is) do not move the cell's colours."""
+    mask_outside_cell: bool = False
+    """Paint everything outside the cell disc with our training background colour
+    (:data:`BACKGROUND_REFERENCE`), after the colour step: red cells, background and
+    neighbouring cells cannot be learned as class cues."""
+    cell_radius: float = 0.36
+    """Radius of the cell disc, as a fraction of the (square) frame's side, centred on the
+    frame. After nucleus framing at scale 3 the nucleus size is a third of the side, so 0.36
+    is about 1.1 x the nucleus size: a neutrophil's or monocyte's cytoplasm fits, neighbours
+    mostly do not."""
 
     def __post_init__(self) -> None:
         if self.framing not in ("none", "nucleus"):
@@ -103,10 +127,16 @@ class CanonicalConfig:
                              f"got {self.colour!r}")
         if not (self.framing_scale > 0 and 0 < self.min_canvas <= self.max_canvas):
             raise ValueError("canonical framing_scale must be > 0 and 0 < min_canvas <= max_canvas")
+        if self.colour_region not in ("image", "cell"):
+            raise ValueError(f"canonical colour_region must be 'image' or 'cell', got {self.colour_region!r}")
+        if self.colour_region == "cell" and self.colour != "reinhard":
+            raise ValueError("canonical colour_region 'cell' needs colour 'reinhard'")
+        if not 0.05 <= self.cell_radius <= 0.71:
+            raise ValueError(f"canonical cell_radius must be in [0.05, 0.71], got {self.cell_radius}")
 
     @property
     def active(self) -> bool:
-        return self.framing != "none" or self.colour != "none"
+        return self.framing != "none" or self.colour != "none" or self.mask_outside_cell
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,8 +159,11 @@ class CanonicalConfig:
         """A short stable string for cache digests ('' when inactive)."""
         if not self.active:
             return ""
-        return (f"{self.framing}:{self.colour}:{self.framing_scale:g}:"
-                f"{self.min_canvas:g}:{self.max_canvas:g}")
+        key = (f"{self.framing}:{self.colour}:{self.framing_scale:g}:"
+               f"{self.min_canvas:g}:{self.max_canvas:g}")
+        if self.colour_region != "image" or self.mask_outside_cell:
+            key += f":{self.colour_region}:{int(self.mask_outside_cell)}:{self.cell_radius:g}"
+        return key
 
 
 def _float_rgb(img: Image.Image) -> np.ndarray:
@@ -214,17 +247,28 @@ def lab_to_rgb(lab):
                     12.92 * linear)
 
 
-def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0):
+def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0, weights=None):
     """Match each image's per-channel CIELAB mean and standard deviation to ``reference``
     ((mean L, a, b), (std L, a, b)); RGB floats in 0-1 in and out, channels last, numpy or
     torch. The first ``batch_dims`` axes index separate images (e.g. 1 for (B, H, W, 3)). A flat
-    channel (std ~0, a blank image) is only shifted, not stretched."""
+    channel (std ~0, a blank image) is only shifted, not stretched. ``weights`` (numpy, one
+    image, (H, W) in 0-1): measure the statistics over these pixels only (:func:`cell_disc`);
+    the transfer still applies to every pixel."""
     xp, _ = _xp(arr)
     lab = rgb_to_lab(arr)
     stats_shape = (*lab.shape[:batch_dims], *([1] * (lab.ndim - batch_dims - 1)), 3)
     flat = lab.reshape(*lab.shape[:batch_dims], -1, 3)
-    mean = flat.mean(-2)
-    std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
+    if weights is None:
+        mean = flat.mean(-2)
+        std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
+    else:
+        if batch_dims:
+            raise ValueError("reinhard weights are for one image (batch_dims=0)")
+        w = np.asarray(weights, dtype=flat.dtype).reshape(-1, 1)
+        total = max(float(w.sum()), 1e-6)
+        mean = (flat * w).sum(0) / total
+        std = (((flat - mean) ** 2) * w).sum(0) / total
+        std = std ** 0.5
     ref_mean, ref_std = (_const(v, lab) for v in reference)
     gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), xp.ones_like(std))
     return lab_to_rgb((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape) + ref_mean)
@@ -271,20 +315,48 @@ def stain_anchor(arr: np.ndarray, reference=STAIN_ANCHOR_REFERENCE) -> np.ndarra
     return np.clip(ref_bg * np.exp(-od * gain), 0.0, 1.0).astype(np.float32)
 
 
+@lru_cache(maxsize=16)
+def cell_disc(h: int, w: int, radius: float) -> np.ndarray:
+    """(h, w) float32 weights: 1 inside a centred disc of ``radius`` x the image's side, 0
+    outside, with a linear edge 3% of the side wide (read-only, cached)."""
+    side = max(h, w)
+    edge = max(0.03 * side, 1.0)
+    disc = np.clip((radius * side - _centre_distance(h, w)) / edge + 0.5, 0.0, 1.0).astype(np.float32)
+    disc.flags.writeable = False
+    return disc
+
+
+def mask_outside_cell(arr: np.ndarray, radius: float, colour=BACKGROUND_REFERENCE) -> np.ndarray:
+    """``arr`` (H, W, 3 floats in 0-1) with everything outside the cell disc (:func:`cell_disc`)
+    painted ``colour``."""
+    disc = cell_disc(arr.shape[0], arr.shape[1], radius)[..., None]
+    return arr * disc + np.asarray(colour, dtype=arr.dtype) * (1.0 - disc)
+
+
 _COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard,
                  "stain_anchor": stain_anchor}
 """The float-RGB function behind each colour mode but "none" (:data:`COLOUR_MODES`)."""
 
 
-def apply_colour(img: Image.Image, mode: str) -> Image.Image:
-    """Colour step of :class:`CanonicalConfig` on an RGB image."""
-    if mode == "none":
+def apply_colour(img: Image.Image, mode: "str | CanonicalConfig") -> Image.Image:
+    """Colour step of :class:`CanonicalConfig` on an RGB image (``mode``: a colour mode, or a
+    whole config, whose cell options then apply too)."""
+    cfg = mode if isinstance(mode, CanonicalConfig) else None
+    mode = cfg.colour if cfg is not None else mode
+    masked = cfg is not None and cfg.mask_outside_cell
+    if mode == "none" and not masked:
         return img
-    step = _COLOUR_STEPS.get(mode)
-    if step is None:
+    step = _COLOUR_STEPS.get(mode) if mode != "none" else None
+    if step is None and mode != "none":
         raise ValueError(f"unknown canonical colour {mode!r}")
-    out = step(_float_rgb(img))
-    return Image.fromarray((out * 255.0 + 0.5).astype(np.uint8), "RGB")
+    out = _float_rgb(img)
+    if cfg is not None and cfg.colour_region == "cell":
+        out = reinhard(out, REINHARD_CELL_REFERENCE, weights=cell_disc(*out.shape[:2], cfg.cell_radius))
+    elif step is not None:
+        out = step(out)
+    if masked:
+        out = mask_outside_cell(out, cfg.cell_radius)
+    return Image.fromarray((np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
 
 
 def _otsu(values: np.ndarray, bins: int = 64) -> float:

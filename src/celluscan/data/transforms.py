@@ -149,7 +149,7 @@ def preprocess(img: Image.Image, size: int, fill: Fill = "edge", canonical=None)
         sq = reframe(sq, canon)
     if sq.size != (size, size):
         sq = sq.resize((size, size), Image.Resampling.BICUBIC)
-    return apply_colour(sq, canon.colour)
+    return apply_colour(sq, canon)
 
 
 class PadToSquare:

@@ -115,6 +115,8 @@ def load_train_data(dataset: str | Path, size: int, *, subset_fraction: float = 
     if batch_colour not in BATCH_COLOURS:
         raise ValueError(f"canonical colour {canon.colour!r} cannot run per batch "
                          f"(colour_stage: batch supports {', '.join(BATCH_COLOURS[1:])})")
+    if batch_colour != "none" and canon.colour_region != "image":
+        raise ValueError("canonical colour_region 'cell' runs at the cache stage only (colour_stage: cache)")
     cached_canon = replace(canon, colour="none") if batch_colour != "none" else canon
     stats = read_stats(ddir)
     fill = stats.get("pad_fill", "edge")
