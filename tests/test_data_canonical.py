@@ -336,3 +336,27 @@ def test_mask_outside_cell_paints_everything_but_the_cell_disc():
     assert np.abs(out[outside] - bg).max() <= 1  # red cells in the corners are gone
     assert np.array_equal(out[inside], np.asarray(img, np.int16)[inside])  # the cell is untouched
     assert np.abs(out[50, 50] - np.array(NUCLEUS)).max() <= 1
+
+
+def test_reinhard_uint8_matches_the_float_path_to_one_level():
+    """The byte path inference uses (lookup tables, planar arithmetic) gives the float path's
+    result rounded to bytes, to within one level, for whole-image and cell-disc statistics."""
+    from celluscan.data.canonical import (REINHARD_CELL_REFERENCE, cell_disc, lab_to_linear,
+                                          linear_to_lab, reinhard_uint8)
+
+    rng = np.random.default_rng(0)
+    pbc = np.asarray(smear(96, PBC_BG, (48, 48), 16, red_cells=[(15, 15, 12), (80, 75, 12)]), np.float32)
+    noisy = np.clip(pbc * np.array([1.0, 0.9, 0.65]) + rng.normal(0, 12, pbc.shape), 0, 255).astype(np.uint8)
+    disc = cell_disc(96, 96, 0.36)
+    for img, ref, weights in ((noisy, REINHARD_REFERENCE, None), (noisy, REINHARD_CELL_REFERENCE, disc),
+                              (np.full((8, 8, 3), 200, np.uint8), REINHARD_REFERENCE, None)):
+        exact = np.floor(np.clip(reinhard(img.astype(np.float64) / 255, ref, weights=weights), 0, 1) * 255 + 0.5)
+        fast = reinhard_uint8(img, ref, weights)
+        assert fast.dtype == np.uint8 and fast.shape == img.shape
+        diff = np.abs(fast.astype(int) - exact)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    # the planar layout is the same conversion as channels-last
+    lin = rng.random((5, 7, 3))
+    planar = linear_to_lab(np.moveaxis(lin, -1, 0), axis=0)
+    assert np.allclose(np.moveaxis(planar, 0, -1), linear_to_lab(lin), atol=1e-9)
+    assert np.allclose(lab_to_linear(linear_to_lab(lin)), lin, atol=1e-9)

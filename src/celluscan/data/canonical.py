@@ -57,6 +57,7 @@ __all__ = [
     "rgb_to_lab",
     "lab_to_rgb",
     "reinhard",
+    "reinhard_uint8",
     "REINHARD_REFERENCE",
     "stain_anchor",
     "STAIN_ANCHOR_REFERENCE",
@@ -227,24 +228,98 @@ def _const(values, like):
     return torch.as_tensor(np.asarray(values), dtype=like.dtype, device=like.device)
 
 
+def srgb_to_linear(arr):
+    """sRGB (0-1) -> linear light; numpy or torch."""
+    xp, a = _xp(arr)
+    return xp.where(a > 0.04045, ((a + 0.055) / 1.055) ** 2.4, a / 12.92)
+
+
+def linear_to_srgb(arr):
+    """Linear light -> sRGB, both clipped to 0-1 (inverse of :func:`srgb_to_linear`)."""
+    xp, linear = _xp(arr)
+    linear = xp.clip(linear, 0.0, 1.0)
+    return xp.where(linear > 0.0031308, 1.055 * xp.clip(linear, 0.0031308, None) ** (1 / 2.4) - 0.055,
+                    12.92 * linear)
+
+
+def _channels(t, axis: int):
+    """The three colour planes of ``t``, channels on ``axis`` (-1: (..., 3); 0: (3, ...))."""
+    return (t[..., 0], t[..., 1], t[..., 2]) if axis == -1 else (t[0], t[1], t[2])
+
+
+def _mix(matrix: np.ndarray, t, axis: int):
+    """``matrix`` (3 x 3) applied to every colour vector of ``t`` (channels on ``axis``)."""
+    if axis == -1:
+        return t @ _const(matrix.T, t)
+    return (_const(matrix, t) @ t.reshape(3, -1)).reshape(t.shape)
+
+
+def _per_channel(values, t, axis: int):
+    """``values`` (3,) shaped to broadcast along ``t``'s channel ``axis``."""
+    v = _const(values, t)
+    return v if axis == -1 else v.reshape(3, *([1] * (t.ndim - 1)))
+
+
+def linear_to_lab(linear, axis: int = -1):
+    """Linear-light RGB -> CIELAB (D65), channels on ``axis`` (-1 or 0, the planar layout the
+    single-image numpy path uses: row-wise arithmetic is several times faster there)."""
+    xp, a = _xp(linear)
+    xyz = _mix(_XYZ_FROM_RGB, a, axis) / _per_channel(_D65, a, axis)
+    cube_root = np.cbrt if xp is np else (lambda v: v ** (1 / 3))
+    f = xp.where(xyz > _LAB_EPS, cube_root(xp.clip(xyz, _LAB_EPS, None)), (_LAB_KAPPA * xyz + 16) / 116)
+    fx, fy, fz = _channels(f, axis)
+    return xp.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis)
+
+
+def lab_to_linear(lab, axis: int = -1):
+    """CIELAB -> linear-light RGB, unclipped (inverse of :func:`linear_to_lab`)."""
+    xp, t = _xp(lab)
+    big_l, a, b = _channels(t, axis)
+    fy = (big_l + 16) / 116
+    f = xp.stack([fy + a / 500, fy, fy - b / 200], axis)
+    xyz = xp.where(f ** 3 > _LAB_EPS, f ** 3, (116 * f - 16) / _LAB_KAPPA) * _per_channel(_D65, t, axis)
+    return _mix(_RGB_FROM_XYZ, xyz, axis)
+
+
 def rgb_to_lab(arr):
     """sRGB (..., 3) floats in 0-1 -> CIELAB (D65); numpy (float32 or float64) or torch (its dtype)."""
-    xp, a = _xp(arr)
-    linear = xp.where(a > 0.04045, ((a + 0.055) / 1.055) ** 2.4, a / 12.92)
-    xyz = linear @ _const(_XYZ_FROM_RGB.T, a) / _const(_D65, a)
-    f = xp.where(xyz > _LAB_EPS, xp.clip(xyz, _LAB_EPS, None) ** (1 / 3), (_LAB_KAPPA * xyz + 16) / 116)
-    return xp.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+    return linear_to_lab(srgb_to_linear(arr))
 
 
 def lab_to_rgb(lab):
     """CIELAB (..., 3) -> sRGB floats clipped to 0-1 (inverse of :func:`rgb_to_lab`)."""
-    xp, t = _xp(lab)
-    fy = (t[..., 0] + 16) / 116
-    f = xp.stack([fy + t[..., 1] / 500, fy, fy - t[..., 2] / 200], -1)
-    xyz = xp.where(f ** 3 > _LAB_EPS, f ** 3, (116 * f - 16) / _LAB_KAPPA) * _const(_D65, t)
-    linear = xp.clip(xyz @ _const(_RGB_FROM_XYZ.T, t), 0.0, 1.0)
-    return xp.where(linear > 0.0031308, 1.055 * xp.clip(linear, 0.0031308, None) ** (1 / 2.4) - 0.055,
-                    12.92 * linear)
+    return linear_to_srgb(lab_to_linear(lab))
+
+
+def _reinhard_lab(lab, reference, batch_dims: int = 0, weights=None, axis: int = -1):
+    """The Reinhard transfer in CIELAB: see :func:`reinhard` (``axis`` 0: one planar image)."""
+    xp, lab = _xp(lab)
+    if axis == 0:
+        if batch_dims:
+            raise ValueError("the planar layout is for one image (batch_dims=0)")
+        flat = lab.reshape(3, -1)
+        w = (np.full(flat.shape[1], 1.0 / flat.shape[1], dtype=flat.dtype) if weights is None
+             else np.asarray(weights, dtype=flat.dtype).reshape(-1) / max(float(np.sum(weights)), 1e-6))
+        mean = flat @ w  # matrix-vector products: numpy's axis reductions are slow on this layout
+        std = np.sqrt(np.maximum((flat * flat) @ w - mean * mean, 0.0))
+        stats_shape = (3, *([1] * (lab.ndim - 1)))
+    else:
+        stats_shape = (*lab.shape[:batch_dims], *([1] * (lab.ndim - batch_dims - 1)), 3)
+        flat = lab.reshape(*lab.shape[:batch_dims], -1, 3)
+        if weights is None:
+            mean = flat.mean(-2)
+            std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
+        else:
+            if batch_dims:
+                raise ValueError("reinhard weights are for one image (batch_dims=0)")
+            w = np.asarray(weights, dtype=flat.dtype).reshape(-1, 1)
+            total = max(float(w.sum()), 1e-6)
+            mean = (flat * w).sum(0) / total
+            std = ((((flat - mean) ** 2) * w).sum(0) / total) ** 0.5
+    ref_mean, ref_std = (_const(v, lab) for v in reference)
+    gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), xp.ones_like(std))
+    return ((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape)
+            + (ref_mean if axis == -1 else ref_mean.reshape(stats_shape)))
 
 
 def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0, weights=None):
@@ -254,24 +329,35 @@ def reinhard(arr, reference=REINHARD_REFERENCE, batch_dims: int = 0, weights=Non
     channel (std ~0, a blank image) is only shifted, not stretched. ``weights`` (numpy, one
     image, (H, W) in 0-1): measure the statistics over these pixels only (:func:`cell_disc`);
     the transfer still applies to every pixel."""
-    xp, _ = _xp(arr)
-    lab = rgb_to_lab(arr)
-    stats_shape = (*lab.shape[:batch_dims], *([1] * (lab.ndim - batch_dims - 1)), 3)
-    flat = lab.reshape(*lab.shape[:batch_dims], -1, 3)
-    if weights is None:
-        mean = flat.mean(-2)
-        std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
-    else:
-        if batch_dims:
-            raise ValueError("reinhard weights are for one image (batch_dims=0)")
-        w = np.asarray(weights, dtype=flat.dtype).reshape(-1, 1)
-        total = max(float(w.sum()), 1e-6)
-        mean = (flat * w).sum(0) / total
-        std = (((flat - mean) ** 2) * w).sum(0) / total
-        std = std ** 0.5
-    ref_mean, ref_std = (_const(v, lab) for v in reference)
-    gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), xp.ones_like(std))
-    return lab_to_rgb((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape) + ref_mean)
+    return lab_to_rgb(_reinhard_lab(rgb_to_lab(arr), reference, batch_dims, weights))
+
+
+_ENCODE_STEPS = 65535
+"""Linear-light levels of the table :func:`reinhard_uint8` encodes to sRGB bytes with: fine
+enough that a byte differs from exact rounding only where the exact value sits within 0.03 of a
+rounding boundary (at most one level)."""
+
+
+@lru_cache(maxsize=1)
+def _srgb_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(byte -> linear float32, linear level -> sRGB byte) lookup tables."""
+    decode = srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+    levels = np.arange(_ENCODE_STEPS + 1, dtype=np.float64) / _ENCODE_STEPS
+    encode = np.floor(linear_to_srgb(levels) * 255.0 + 0.5).astype(np.uint8)
+    decode.flags.writeable = encode.flags.writeable = False
+    return decode, encode
+
+
+def reinhard_uint8(arr: np.ndarray, reference=REINHARD_REFERENCE, weights=None) -> np.ndarray:
+    """:func:`reinhard` for one 8-bit RGB image (H, W, 3 uint8 in and out), the form images
+    arrive in at inference: the sRGB curve both ways is a table lookup instead of a power per
+    value (about 3x faster), and the result equals the float path rounded to bytes to within one
+    level."""
+    decode, encode = _srgb_tables()
+    planar = decode[np.moveaxis(arr, -1, 0)]  # (3, H, W)
+    lab = _reinhard_lab(linear_to_lab(planar, axis=0), reference, 0, weights, axis=0)
+    linear = np.clip(lab_to_linear(lab, axis=0), 0.0, 1.0)
+    return np.ascontiguousarray(np.moveaxis(encode[(linear * _ENCODE_STEPS + 0.5).astype(np.int32)], 0, -1))
 
 
 def optical_density(arr: np.ndarray, bg: np.ndarray) -> np.ndarray:
@@ -349,11 +435,18 @@ def apply_colour(img: Image.Image, mode: "str | CanonicalConfig") -> Image.Image
     step = _COLOUR_STEPS.get(mode) if mode != "none" else None
     if step is None and mode != "none":
         raise ValueError(f"unknown canonical colour {mode!r}")
-    out = _float_rgb(img)
-    if cfg is not None and cfg.colour_region == "cell":
-        out = reinhard(out, REINHARD_CELL_REFERENCE, weights=cell_disc(*out.shape[:2], cfg.cell_radius))
-    elif step is not None:
-        out = step(out)
+    if mode == "reinhard":  # the common case at inference: bytes in, bytes out
+        u8 = np.asarray(ensure_rgb(img))
+        cell = cfg is not None and cfg.colour_region == "cell"
+        u8 = (reinhard_uint8(u8, REINHARD_CELL_REFERENCE, cell_disc(*u8.shape[:2], cfg.cell_radius)) if cell
+              else reinhard_uint8(u8))
+        if not masked:
+            return Image.fromarray(u8, "RGB")
+        out = u8.astype(np.float32) / 255.0
+    else:
+        out = _float_rgb(img)
+        if step is not None:
+            out = step(out)
     if masked:
         out = mask_outside_cell(out, cfg.cell_radius)
     return Image.fromarray((np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")

@@ -4,15 +4,18 @@ Pillow releases the GIL while decoding and resizing and PyTorch releases it insi
 kernels, so threads overlap image work with model compute without pickling images between
 processes. A bounded window of submitted jobs (``prefetch`` batches ahead) keeps memory flat
 on huge folders while making sure the next batch is ready before the model asks for it.
+:func:`phased_map` is the other schedule: decode a whole batch on every thread, then let the
+model have the cores (``inference.core_split`` says when each pays).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-__all__ = ["ordered_map", "batched_results"]
+__all__ = ["ordered_map", "phased_map", "batched_results"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,6 +59,42 @@ def ordered_map(
                 yield item, future.result()
             except errors as e:
                 yield item, e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def phased_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    chunk: int,
+    errors: tuple[type[BaseException], ...] = (Exception,),
+    first_chunk: int | None = None,
+) -> Iterator[tuple[T, R | BaseException]]:
+    """:func:`ordered_map` in phases: ``chunk`` items at a time are computed on ``workers``
+    threads together, then yielded; nothing is computed while the consumer works on them.
+
+    For a consumer that runs a model on every ``chunk`` items with all cores: decoding never
+    competes with the model (PyTorch's OpenMP threads busy-wait, so threads decoding beside it
+    slow it down), and both phases still use every core. ``first_chunk`` (default ``chunk``)
+    sizes the first phase, to line the phases up with batches already partly filled."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="celluscan-load")
+    iterator = iter(items)
+    size = max(1, first_chunk if first_chunk is not None else chunk)
+    try:
+        while True:
+            part = list(itertools.islice(iterator, size))
+            if not part:
+                return
+            size = max(1, chunk)
+            futures = [pool.submit(fn, item) for item in part]
+            done: list[tuple[T, R | BaseException]] = []
+            for item, future in zip(part, futures):
+                try:
+                    done.append((item, future.result()))
+                except errors as e:
+                    done.append((item, e))
+            yield from done
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -2,12 +2,14 @@
 
 Two ways to run ``celluscan predict`` on ``C`` cores:
 
-* **shared**: the model uses all ``C`` cores for each batch and decode threads run beside it.
-  PyTorch's OpenMP threads busy-wait between kernels, so decode threads mostly steal time
-  from them: measured on our 2-core machine with the shipped model, decoding beside the model
-  took *longer* than decoding and classifying one after the other (9.4 s vs 8.5 s for 1,000
-  images). Right for a model that costs far more than decoding (ViT-B/16: 100x), where the
-  decode time hardly matters.
+* **shared**: phases (``batching.phased_map``): every decode thread works on the next batch
+  while the model waits, then the model runs on all ``C`` cores while the decode threads wait.
+  They never run at once because PyTorch's OpenMP threads busy-wait between kernels, so decode
+  threads beside the model mostly steal its time: measured on our 2-core machine with the
+  shipped model, decoding beside the model took *longer* than decoding and classifying one
+  after the other (9.4 s vs 8.5 s for 1,000 images); phases took 6.5-7.0 s where decoding
+  beside the model took 8.2-8.3 s (same run). Right for a model that costs far more than
+  decoding (ViT-B/16: 100x), where the decode time hardly matters.
 * **split**: ``d`` cores decode (one thread each) and the model runs on the other ``C - d``
   cores, each side on its own cores, so they overlap for real: the run takes about
   ``max(model time on C - d cores, decode time / d)``. Right for a small model whose cost per
@@ -23,7 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CoreSplit", "model_ms_on", "plan_core_split", "SKIP_SPLIT_RATIO", "SPLIT_MARGIN"]
+__all__ = ["CoreSplit", "model_ms_on", "plan_core_split", "SKIP_SPLIT_RATIO", "SPLIT_MARGIN",
+           "PHASED_DECODE_SPEEDUP"]
+
+PHASED_DECODE_SPEEDUP = 1.25
+"""How much faster several decode threads get through a batch than one: measured 1.27x for two
+threads on our two cores (the Pillow steps run in parallel, the Python and small numpy steps of
+nucleus framing hold the GIL)."""
 
 SPLIT_MARGIN = 0.9
 """The split is chosen only when its estimate beats the shared plan's by 10%: the costs are
@@ -71,15 +79,16 @@ def plan_core_split(cores: int, decode_ms: float, model_ms_all: float,
     ``decode_ms``: reading + preprocessing one image on one core. ``model_ms_all`` /
     ``model_ms_one``: the model's time per image on all cores / on one (``None``: not
     measured, which rules the split out). ``shared_workers``: decode threads in shared mode.
-    Estimates: shared = model + decode (they take turns on the same cores, see the module
-    docstring); split with ``d`` decode cores = max(model on ``cores - d``, decode / ``d``),
+    Estimates: shared = model + decode / :data:`PHASED_DECODE_SPEEDUP` (they take turns on the
+    same cores, see the module docstring); split with ``d`` decode cores = max(model on ``cores - d``, decode / ``d``),
     chosen only below :data:`SPLIT_MARGIN` x the shared estimate.
     """
     if min(decode_ms, model_ms_all) < 0 or (model_ms_one is not None and model_ms_one < 0):
         raise ValueError("measured costs must be >= 0")
     reason = ("one core: nothing to split" if cores < 2 else
               "the model dominates" if model_ms_one is None else "estimated fastest")
-    shared = CoreSplit("shared", max(1, shared_workers), cores, model_ms_all + decode_ms, reason)
+    speedup = PHASED_DECODE_SPEEDUP if min(cores, shared_workers) > 1 else 1.0
+    shared = CoreSplit("shared", max(1, shared_workers), cores, model_ms_all + decode_ms / speedup, reason)
     if cores < 2 or model_ms_one is None:
         return shared
     best, bar = shared, SPLIT_MARGIN * shared.estimated_ms_per_image

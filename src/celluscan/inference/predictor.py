@@ -44,7 +44,7 @@ from celluscan.inference.backends import (
     cpu_supports_bf16,
     synthetic_batch,
 )
-from celluscan.inference.batching import batched_results, ordered_map
+from celluscan.inference.batching import batched_results, ordered_map, phased_map
 from celluscan.inference.core_split import SKIP_SPLIT_RATIO, CoreSplit, plan_core_split
 from celluscan.inference.ood import OODScorer
 from celluscan.inference.tta import TestTimeAugmentation, with_tta
@@ -438,8 +438,14 @@ class Predictor:
         try:
             if plan is not None and plan.model_threads != threads_before:
                 torch.set_num_threads(plan.model_threads)
-            rest = ordered_map(self.load_and_prepare, paths, workers,
-                               window=self.batch_size * 3, errors=(ImageLoadError,))
+            if plan is not None and plan.mode == "shared":  # phases: see inference.core_split
+                ready = sum(not isinstance(r, ImageLoadError) for _, r in head_loaded)
+                rest = phased_map(self.load_and_prepare, paths, workers, self.batch_size,
+                                  errors=(ImageLoadError,),
+                                  first_chunk=(self.batch_size - ready) or self.batch_size)
+            else:
+                rest = ordered_map(self.load_and_prepare, paths, workers,
+                                   window=self.batch_size * 3, errors=(ImageLoadError,))
             yield from batched_results(itertools.chain(head_loaded, rest), self.batch_size,
                                        self.predict_arrays)  # type: ignore[misc]
         finally:
