@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cell-radius", type=float, default=0.36)
     args = ap.parse_args(argv)
 
-    from celluscan.data.canonical import CanonicalConfig, cell_disc, rgb_to_lab, stain_anchors
+    from celluscan.data.canonical import CanonicalConfig, cell_disc, lab_statistics, rgb_to_lab, stain_anchors
     from celluscan.data.datasets import read_manifest
     from celluscan.data.imageio import load_image
     from celluscan.data.transforms import preprocess
@@ -46,12 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, row in enumerate(rows, 1):
         img = preprocess(load_image(row.path), args.size, canonical=framing)
         arr = np.asarray(img, dtype=np.float32) / 255.0
-        lab = rgb_to_lab(arr).reshape(-1, 3)
-        w = (cell_disc(*arr.shape[:2], args.cell_radius).reshape(-1, 1) if args.region == "cell"
-             else np.ones((len(lab), 1), dtype=np.float32))
-        mean = (lab * w).sum(0) / w.sum()
+        disc = cell_disc(*arr.shape[:2], args.cell_radius) if args.region == "cell" else None
+        mean, std = lab_statistics(rgb_to_lab(arr), disc)
         lab_means.append(mean)
-        lab_stds.append(np.sqrt((((lab - mean) ** 2) * w).sum(0) / w.sum()))
+        lab_stds.append(std)
         bg, nucleus = stain_anchors(arr)
         backgrounds.append(bg)
         if nucleus is not None:

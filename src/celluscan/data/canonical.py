@@ -58,6 +58,7 @@ __all__ = [
     "lab_to_rgb",
     "reinhard",
     "reinhard_uint8",
+    "lab_statistics",
     "REINHARD_REFERENCE",
     "stain_anchor",
     "STAIN_ANCHOR_REFERENCE",
@@ -291,31 +292,31 @@ def lab_to_rgb(lab):
     return linear_to_srgb(lab_to_linear(lab))
 
 
+def lab_statistics(lab: np.ndarray, weights=None, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, standard deviation) of one CIELAB image (numpy, channels on ``axis``),
+    over every pixel or weighted by ``weights`` ((H, W) in 0-1, e.g. :func:`cell_disc`)."""
+    planar = lab.reshape(3, -1) if axis == 0 else lab.reshape(-1, 3).T
+    n = planar.shape[1]
+    w = (np.full(n, 1.0 / n, dtype=planar.dtype) if weights is None
+         else np.asarray(weights, dtype=planar.dtype).reshape(-1) / max(float(np.sum(weights)), 1e-6))
+    mean = planar @ w  # matrix-vector products: numpy's axis reductions are slow on (N, 3)
+    centred = planar - mean[:, None]  # two passes: E[x^2] - mean^2 loses digits in float32
+    return mean, np.sqrt((centred * centred) @ w)
+
+
 def _reinhard_lab(lab, reference, batch_dims: int = 0, weights=None, axis: int = -1):
     """The Reinhard transfer in CIELAB: see :func:`reinhard` (``axis`` 0: one planar image)."""
     xp, lab = _xp(lab)
-    if axis == 0:
-        if batch_dims:
-            raise ValueError("the planar layout is for one image (batch_dims=0)")
-        flat = lab.reshape(3, -1)
-        w = (np.full(flat.shape[1], 1.0 / flat.shape[1], dtype=flat.dtype) if weights is None
-             else np.asarray(weights, dtype=flat.dtype).reshape(-1) / max(float(np.sum(weights)), 1e-6))
-        mean = flat @ w  # matrix-vector products: numpy's axis reductions are slow on this layout
-        std = np.sqrt(np.maximum((flat * flat) @ w - mean * mean, 0.0))
-        stats_shape = (3, *([1] * (lab.ndim - 1)))
+    if batch_dims == 0 and xp is np:
+        mean, std = lab_statistics(lab, weights, axis)
+        stats_shape = (3,) if axis == -1 else (3, *([1] * (lab.ndim - 1)))
+    elif weights is not None or axis != -1:
+        raise ValueError("reinhard weights and the planar layout are for one numpy image")
     else:
         stats_shape = (*lab.shape[:batch_dims], *([1] * (lab.ndim - batch_dims - 1)), 3)
         flat = lab.reshape(*lab.shape[:batch_dims], -1, 3)
-        if weights is None:
-            mean = flat.mean(-2)
-            std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
-        else:
-            if batch_dims:
-                raise ValueError("reinhard weights are for one image (batch_dims=0)")
-            w = np.asarray(weights, dtype=flat.dtype).reshape(-1, 1)
-            total = max(float(w.sum()), 1e-6)
-            mean = (flat * w).sum(0) / total
-            std = ((((flat - mean) ** 2) * w).sum(0) / total) ** 0.5
+        mean = flat.mean(-2)
+        std = ((flat - mean[..., None, :]) ** 2).mean(-2) ** 0.5
     ref_mean, ref_std = (_const(v, lab) for v in reference)
     gain = xp.where(std > 1e-3, ref_std / xp.clip(std, 1e-3, None), xp.ones_like(std))
     return ((lab - mean.reshape(stats_shape)) * gain.reshape(stats_shape)
