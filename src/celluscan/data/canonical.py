@@ -420,35 +420,31 @@ def mask_outside_cell(arr: np.ndarray, radius: float, colour=BACKGROUND_REFERENC
     return arr * disc + np.asarray(colour, dtype=arr.dtype) * (1.0 - disc)
 
 
-_COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "reinhard": reinhard,
-                 "stain_anchor": stain_anchor}
-"""The float-RGB function behind each colour mode but "none" (:data:`COLOUR_MODES`)."""
+_COLOUR_STEPS = {"white_balance": white_balance, "grey": to_grey, "stain_anchor": stain_anchor}
+"""The float-RGB function behind each colour mode but "none" and "reinhard" (which
+:func:`apply_colour` runs on bytes, :func:`reinhard_uint8`)."""
 
 
 def apply_colour(img: Image.Image, mode: "str | CanonicalConfig") -> Image.Image:
     """Colour step of :class:`CanonicalConfig` on an RGB image (``mode``: a colour mode, or a
     whole config, whose cell options then apply too)."""
-    cfg = mode if isinstance(mode, CanonicalConfig) else None
-    mode = cfg.colour if cfg is not None else mode
-    masked = cfg is not None and cfg.mask_outside_cell
-    if mode == "none" and not masked:
+    cfg = mode if isinstance(mode, CanonicalConfig) else CanonicalConfig(colour=mode)
+    if cfg.colour == "none" and not cfg.mask_outside_cell:
         return img
-    step = _COLOUR_STEPS.get(mode) if mode != "none" else None
-    if step is None and mode != "none":
-        raise ValueError(f"unknown canonical colour {mode!r}")
-    if mode == "reinhard":  # the common case at inference: bytes in, bytes out
+    if cfg.colour == "reinhard":  # the common case at inference: bytes in, bytes out
         u8 = np.asarray(ensure_rgb(img))
-        cell = cfg is not None and cfg.colour_region == "cell"
-        u8 = (reinhard_uint8(u8, REINHARD_CELL_REFERENCE, cell_disc(*u8.shape[:2], cfg.cell_radius)) if cell
-              else reinhard_uint8(u8))
-        if not masked:
+        if cfg.colour_region == "cell":
+            u8 = reinhard_uint8(u8, REINHARD_CELL_REFERENCE, cell_disc(*u8.shape[:2], cfg.cell_radius))
+        else:
+            u8 = reinhard_uint8(u8)
+        if not cfg.mask_outside_cell:
             return Image.fromarray(u8, "RGB")
         out = u8.astype(np.float32) / 255.0
     else:
         out = _float_rgb(img)
-        if step is not None:
-            out = step(out)
-    if masked:
+        if cfg.colour != "none":
+            out = _COLOUR_STEPS[cfg.colour](out)
+    if cfg.mask_outside_cell:
         out = mask_outside_cell(out, cfg.cell_radius)
     return Image.fromarray((np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
 

@@ -21,6 +21,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _result_or_error(future: Future, errors: tuple[type[BaseException], ...]):
+    """``future``'s result, or the exception it raised when it is one of ``errors``."""
+    try:
+        return future.result()
+    except errors as e:
+        return e
+
+
 def ordered_map(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -55,10 +63,7 @@ def ordered_map(
             if not pending:
                 return
             item, future = pending.popleft()
-            try:
-                yield item, future.result()
-            except errors as e:
-                yield item, e
+            yield item, _result_or_error(future, errors)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -88,12 +93,7 @@ def phased_map(
                 return
             size = max(1, chunk)
             futures = [pool.submit(fn, item) for item in part]
-            done: list[tuple[T, R | BaseException]] = []
-            for item, future in zip(part, futures):
-                try:
-                    done.append((item, future.result()))
-                except errors as e:
-                    done.append((item, e))
+            done = [(item, _result_or_error(future, errors)) for item, future in zip(part, futures)]
             yield from done
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -442,7 +442,7 @@ class Predictor:
                 ready = sum(not isinstance(r, ImageLoadError) for _, r in head_loaded)
                 rest = phased_map(self.load_and_prepare, paths, workers, self.batch_size,
                                   errors=(ImageLoadError,),
-                                  first_chunk=(self.batch_size - ready) or self.batch_size)
+                                  first_chunk=self.batch_size - ready % self.batch_size)
             else:
                 rest = ordered_map(self.load_and_prepare, paths, workers,
                                    window=self.batch_size * 3, errors=(ImageLoadError,))
