@@ -14,6 +14,7 @@ from celluscan.data.batch_augment import (
     EvalPreprocess,
     background_fill,
     colour_batch,
+    hue_rotation,
 )
 from celluscan.data.canonical import apply_colour, reinhard
 
@@ -113,3 +114,39 @@ def test_channel_gain_is_a_per_image_per_channel_cast():
     assert (gains - 1).abs().max() > 0.02  # it did change something
     assert gains.std(dim=1).max() > 0.005  # channels differ: a cast, not brightness
     assert torch.allclose(ratio, gains[:, :, None, None].expand_as(ratio), atol=0.02)
+
+
+YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def test_hue_rotation_turns_chroma_and_keeps_luma_and_grey():
+    colours = torch.tensor([[0.35, 0.20, 0.50], [0.90, 0.60, 0.55], [0.5, 0.5, 0.5]])
+    m = hue_rotation(torch.tensor([0.0, 30.0, -75.0, 360.0]))
+    assert torch.allclose(m[0], torch.eye(3), atol=1e-6) and torch.allclose(m[3], torch.eye(3), atol=1e-5)
+    for k, angle in ((1, 30.0), (2, -75.0)):
+        out = colours @ m[k]
+        yiq_in, yiq_out = colours @ YIQ.T, out @ YIQ.T
+        assert torch.allclose(yiq_out[:, 0], yiq_in[:, 0], atol=1e-5)  # luma kept
+        assert torch.allclose(yiq_out[:, 1:].norm(dim=1), yiq_in[:, 1:].norm(dim=1), atol=1e-5)  # chroma size kept
+        turned = torch.rad2deg(torch.atan2(yiq_out[:2, 2], yiq_out[:2, 1]) - torch.atan2(yiq_in[:2, 2], yiq_in[:2, 1]))
+        assert torch.allclose((turned - angle + 180) % 360 - 180, torch.zeros(2), atol=1e-3)
+        assert torch.allclose(out[2], colours[2], atol=1e-5)  # grey stays grey
+    # rotations compose: 30 then -75 is -45
+    assert torch.allclose(m[1] @ m[2], hue_rotation(torch.tensor([-45.0]))[0], atol=1e-5)
+
+
+def test_hue_augmentation_turns_each_image_by_its_own_angle_within_range():
+    images = _cells(8)
+    aug = BatchAugment(_only(hue=40.0), 48, MEAN, STD)
+    torch.manual_seed(3)
+    out = _denorm(aug(images))
+    src = images.float() / 255
+    disc_in = src[:, :, 20:28, 20:28].mean(dim=(2, 3)) @ YIQ.T  # (8, 3) purple disc, in gamut
+    disc_out = out[:, :, 20:28, 20:28].mean(dim=(2, 3)) @ YIQ.T
+    assert torch.allclose(disc_out[:, 0], disc_in[:, 0], atol=2e-3)
+    turned = torch.rad2deg(torch.atan2(disc_out[:, 2], disc_out[:, 1]) - torch.atan2(disc_in[:, 2], disc_in[:, 1]))
+    turned = (turned + 180) % 360 - 180
+    assert turned.abs().max() <= 40.5
+    assert turned.abs().max() > 5 and turned.std() > 3  # it turned, and not all by the same angle
+    off = BatchAugment(_only(hue=0.0), 48, MEAN, STD)
+    assert torch.allclose(_denorm(off(images)), src, atol=1e-5)

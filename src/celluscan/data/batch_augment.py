@@ -22,8 +22,9 @@ What it does, in order (each step switchable in :class:`AugmentConfig`):
    pasted on a flat canvas, no red cells around it); the warp then rotates and zooms it too.
 3. Stain and colour: jitter in HED optical-density space (Ruifrok & Johnston stain vectors),
    brightness / contrast / saturation / gamma, a background tint (bright pixels pulled toward a
-   random pale colour, like Tecom's yellow background), per-channel gains (colour casts), random
-   greyscale.
+   random pale colour, like Tecom's yellow background), per-channel gains (colour casts), a hue
+   rotation (the chroma plane turned about the grey axis, luma kept: a stain whose cytoplasm
+   comes out orange instead of pink), random greyscale.
 4. Optics: Gaussian blur and down-then-up sampling (lower-resolution cameras).
 5. Optionally the canonical colour step (``colour="reinhard"``, data.canonical.reinhard) on
    the augmented batch: the model then sees what inference gives it, another lab's image after
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["AugmentConfig", "BatchAugment", "EvalPreprocess", "border_colour", "background_fill",
-           "colour_batch"]
+           "colour_batch", "hue_rotation"]
 
 BATCH_COLOURS = ("none", "reinhard")
 """Canonical colour steps (data.canonical) that also run on batches: see :func:`colour_batch`."""
@@ -73,6 +74,7 @@ class AugmentConfig:
     contrast: float = 0.1
     saturation: float = 0.1
     channel_gain: float = 0.0  # per-channel gain in [1-g, 1+g]: colour casts (white balance)
+    hue: float = 0.0  # max hue rotation in degrees (chroma plane of YIQ; luma kept): other stains
     gamma: float = 0.0  # log-uniform gamma in [exp(-g), exp(g)]
     background_tint_prob: float = 0.0
     background_tint: float = 0.15  # max strength of the tint on bright pixels
@@ -120,6 +122,23 @@ _RGB_FROM_HED = torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
 )
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+# NTSC YIQ (rows: Y, I, Q) from linear-in-the-value RGB: Y is luma, (I, Q) the chroma plane.
+_YIQ_FROM_RGB = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float32
+)
+
+
+def hue_rotation(degrees: torch.Tensor) -> torch.Tensor:
+    """(B,) angles -> (B,3,3) matrices ``m`` with ``rgb_row @ m`` = the colour with its chroma
+    (YIQ's I, Q) turned by that angle and its luma (Y) unchanged; grey stays grey."""
+    t = torch.deg2rad(degrees.float())
+    c, s = torch.cos(t), torch.sin(t)
+    rot = torch.zeros(t.shape[0], 3, 3, device=t.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    to_yiq = _YIQ_FROM_RGB.to(t.device)
+    # column form: rgb' = inv(Y) @ R @ Y @ rgb; for rows transpose the product.
+    return (torch.linalg.inv(to_yiq) @ rot @ to_yiq).transpose(1, 2)
 
 
 def border_colour(x: torch.Tensor) -> torch.Tensor:
@@ -267,6 +286,8 @@ class BatchAugment(nn.Module):
         if cfg.channel_gain > 0:
             gains = _uniform(b * 3, 1 - cfg.channel_gain, 1 + cfg.channel_gain, dev).view(b, 3)
             mat = mat @ torch.diag_embed(gains)
+        if cfg.hue > 0:
+            mat = mat @ hue_rotation(_uniform(b, -cfg.hue, cfg.hue, dev))
         if cfg.contrast > 0:
             c = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, dev).view(b, 1, 1)
             mean = (pix.mean(dim=1, keepdim=True) @ mat).mean(dim=2, keepdim=True)  # (B,1,1)
