@@ -44,6 +44,13 @@ def _denorm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
 
 
+def _augment(images: torch.Tensor, seed: int, **fields) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, augmented) as 0-1 floats, with only ``fields`` switched on."""
+    aug = BatchAugment(_only(**fields), images.shape[-1], MEAN, STD)
+    torch.manual_seed(seed)
+    return images.float() / 255, _denorm(aug(images))
+
+
 def test_colour_batch_is_inference_reinhard_image_by_image():
     images = _cells(3)
     images[1] = (images[1].float() * torch.tensor([1.0, 0.8, 0.5]).view(3, 1, 1)).to(torch.uint8)  # a cast
@@ -103,11 +110,7 @@ def test_window_keeps_a_centred_square_and_fills_the_rest_with_background():
 
 
 def test_channel_gain_is_a_per_image_per_channel_cast():
-    images = _cells(6)
-    aug = BatchAugment(_only(channel_gain=0.2), 48, MEAN, STD)
-    torch.manual_seed(1)
-    out = _denorm(aug(images))
-    src = images.float() / 255
+    src, out = _augment(_cells(6), 1, channel_gain=0.2)
     ratio = out[:, :, 20:28, 20:28] / src[:, :, 20:28, 20:28].clamp(min=1e-3)  # the dark disc: no clipping
     gains = ratio.flatten(2).median(dim=2).values  # (6, 3)
     assert (gains - 1).abs().max() <= 0.2 + 1e-3
@@ -137,10 +140,7 @@ def test_hue_rotation_turns_chroma_and_keeps_luma_and_grey():
 
 def test_hue_augmentation_turns_each_image_by_its_own_angle_within_range():
     images = _cells(8)
-    aug = BatchAugment(_only(hue=40.0), 48, MEAN, STD)
-    torch.manual_seed(3)
-    out = _denorm(aug(images))
-    src = images.float() / 255
+    src, out = _augment(images, 3, hue=40.0)
     disc_in = src[:, :, 20:28, 20:28].mean(dim=(2, 3)) @ YIQ.T  # (8, 3) purple disc, in gamut
     disc_out = out[:, :, 20:28, 20:28].mean(dim=(2, 3)) @ YIQ.T
     assert torch.allclose(disc_out[:, 0], disc_in[:, 0], atol=2e-3)
