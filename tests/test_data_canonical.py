@@ -15,6 +15,7 @@ from celluscan.data.canonical import (
     STAIN_ANCHOR_REFERENCE,
     find_nucleus,
     lab_to_rgb,
+    optical_density,
     reframe,
     reinhard,
     rgb_to_lab,
@@ -360,3 +361,14 @@ def test_reinhard_uint8_matches_the_float_path_to_one_level():
     planar = linear_to_lab(np.moveaxis(lin, -1, 0), axis=0)
     assert np.allclose(np.moveaxis(planar, 0, -1), linear_to_lab(lin), atol=1e-9)
     assert np.allclose(lab_to_linear(linear_to_lab(lin)), lin, atol=1e-9)
+
+
+def test_optical_density_of_one_channel_is_that_channel_of_all_three_bit_for_bit():
+    rng = np.random.default_rng(4)
+    arr = rng.random((37, 41, 3), dtype=np.float32)
+    arr[:5] = 0.0  # fully absorbing rows: the 1e-3 clamp
+    for bg in (background_colour(arr), np.array([0.1, 0.9, 1.0], dtype=np.float32)):  # 0.1: the 0.25 floor
+        full = optical_density(arr, bg)
+        assert full.shape == arr.shape and full.max() > 6.0
+        for c in range(3):
+            assert np.array_equal(optical_density(arr[..., c:c + 1], bg[c:c + 1])[..., 0], full[..., c])

@@ -363,7 +363,9 @@ def reinhard_uint8(arr: np.ndarray, reference=REINHARD_REFERENCE, weights=None) 
 
 def optical_density(arr: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """Per-channel optical density against the background colour: -log(pixel / background),
-    0 for background, larger where more stain absorbs (clamped at 1e-3 transmission)."""
+    0 for background, larger where more stain absorbs (clamped at 1e-3 transmission).
+    ``arr`` (..., C) with ``bg`` (C,): one channel alone gives that channel's density, bit for
+    bit (``optical_density(arr[..., :1], bg[:1])``), at a third of the cost."""
     return -np.log(np.clip(white_balance(arr, bg), 1e-3, 1.0))
 
 
@@ -514,7 +516,7 @@ def find_nucleus(img: Image.Image) -> Nucleus | None:
     sw, sh = small.size
     small_arr = _float_rgb(small)
     bg = background_colour(small_arr)
-    od = optical_density(small_arr, bg)[..., 0]
+    od = optical_density(small_arr[..., :1], bg[:1])[..., 0]  # red only: what the nucleus test reads
     if float(od.max()) < MIN_NUCLEUS_OD:
         return None
     mask = _nucleus_mask(od)
