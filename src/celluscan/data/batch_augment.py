@@ -122,10 +122,12 @@ _RGB_FROM_HED = torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
 )
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
-# NTSC YIQ (rows: Y, I, Q) from linear-in-the-value RGB: Y is luma, (I, Q) the chroma plane.
+# NTSC YIQ (rows: Y, I, Q) from the RGB values as stored (no linearisation): Y is luma, (I, Q)
+# the chroma plane.
 _YIQ_FROM_RGB = torch.tensor(
     [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float32
 )
+_RGB_FROM_YIQ = torch.linalg.inv(_YIQ_FROM_RGB)
 
 
 def hue_rotation(degrees: torch.Tensor) -> torch.Tensor:
@@ -136,9 +138,8 @@ def hue_rotation(degrees: torch.Tensor) -> torch.Tensor:
     rot = torch.zeros(t.shape[0], 3, 3, device=t.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-    to_yiq = _YIQ_FROM_RGB.to(t.device)
     # column form: rgb' = inv(Y) @ R @ Y @ rgb; for rows transpose the product.
-    return (torch.linalg.inv(to_yiq) @ rot @ to_yiq).transpose(1, 2)
+    return (_RGB_FROM_YIQ.to(t.device) @ rot @ _YIQ_FROM_RGB.to(t.device)).transpose(1, 2)
 
 
 def border_colour(x: torch.Tensor) -> torch.Tensor:
