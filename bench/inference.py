@@ -22,9 +22,11 @@ What is measured, all in one run:
 
 Every (model, path, batch) runs in its own subprocess so no allocator or thread-pool state
 is shared; at each batch size the baseline runs first and again last (its figure is the mean)
-so a drift in background load does not favour one side. Throughput is the median over ``--repeats`` timed batches after warm-up; ratios
-are against the baseline at the same batch size, measured in the same run. Achieved GFLOP/s
-counts 2 FLOPs per multiply-add (``celluscan.models.summary.count_flops``).
+so a drift in background load does not favour one side. Throughput is the median over
+``--repeats`` timed samples after warm-up (a sample repeats a call shorter than
+:data:`MIN_SAMPLE_S` until it lasts that long); ratios are against the baseline at the same
+batch size, measured in the same run. Achieved GFLOP/s counts 2 FLOPs per multiply-add
+(``celluscan.models.summary.count_flops``).
 
 ``--agreement DIR`` classifies every image under DIR (or a class-stratified sample of
 ``--limit``) with every fast path and reports top-1 agreement with fp32 eager (target >= 99.5%)
@@ -70,15 +72,29 @@ TARGET_DEFAULT_SPEEDUP = 3.0  # the shipped model's best path vs its own fp32 ea
 # ================================================================================================
 
 
-def _time_calls(fn, warmup: int, repeats: int) -> list[float]:
+MIN_SAMPLE_S = 0.25
+"""Shortest timed sample: a call faster than this (the shipped ViT-Ti at batch 1 takes ~4-11 ms)
+is repeated inside each sample, as ``timeit``'s autorange does, so that one sample is not one
+scheduler tick's worth of noise."""
+
+
+def _time_calls(fn, warmup: int, repeats: int, calls: int = 1) -> list[float]:
+    """Seconds per call of ``repeats`` samples, each timing ``calls`` calls in a row."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
     return times
+
+
+def calls_per_sample(fn, min_sample_s: float = MIN_SAMPLE_S) -> int:
+    """How many calls of ``fn`` (already warm) make a sample of at least ``min_sample_s``."""
+    one = _time_calls(fn, warmup=0, repeats=1)[0]
+    return max(1, math.ceil(min_sample_s / max(one, 1e-6)))
 
 
 def worker_matmul(spec: dict) -> dict:
@@ -175,10 +191,11 @@ def worker_throughput(spec: dict) -> dict:
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     _time_calls(lambda: runner(x), warmup=spec.get("warmup", 1), repeats=0)
     setup = time.perf_counter() - start  # model build (+ tracing) and warm-up calls
-    times = _time_calls(lambda: runner(x), warmup=0, repeats=spec["repeats"])
+    calls = calls_per_sample(lambda: runner(x))
+    times = _time_calls(lambda: runner(x), warmup=0, repeats=spec["repeats"], calls=calls)
     median = statistics.median(times)
     return {"img_s": batch / median, "img_s_best": batch / min(times), "batch_s_median": median,
-            "times": times, "setup_s": setup, "gflop_per_img": flops / 1e9, "path_name": path_name,
+            "times": times, "calls_per_sample": calls, "setup_s": setup, "gflop_per_img": flops / 1e9, "path_name": path_name,
             "loadavg": os.getloadavg()[0]}
 
 

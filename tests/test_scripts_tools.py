@@ -97,3 +97,32 @@ def test_ablation_lays_out_each_config_for_its_epochs_unless_told_otherwise(tmp_
         given = [a for a in cmd if a.startswith("train.epochs=")]
         assert given[-1] == f"train.epochs={want}", (name, cmd)  # the last --set wins in `celluscan train`
     assert json.loads((tmp_path / "runs" / "results.json").read_text())[0]["run"] == "a"
+
+
+def _bench_inference_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "bench" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_inference_repeats_short_calls_inside_a_sample(monkeypatch):
+    bench = _bench_inference_module()
+    clock = {"t": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    calls = []
+
+    def fake_call():  # each call "takes" 10 ms on the fake clock
+        calls.append(1)
+        clock["t"] += 0.010
+
+    n = bench.calls_per_sample(fake_call, min_sample_s=0.25)
+    assert n == 25 and len(calls) == 1
+    calls.clear()
+    times = bench._time_calls(fake_call, warmup=2, repeats=3, calls=n)
+    assert len(calls) == 2 + 3 * 25
+    assert times == pytest.approx([0.010] * 3)  # seconds per call, not per sample
+    slow = bench.calls_per_sample(lambda: clock.__setitem__("t", clock["t"] + 1.0))
+    assert slow == 1
