@@ -607,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="model directory for --e2e/--agreement (default: the shipped model, else random vit_b_16)")
     ap.add_argument("--profile", action="store_true", help="print the top ops of the bf16 paths at batch 32")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "inference.json")
-    ap.add_argument("--plot", type=Path, default=REPO / "bench" / "results" / "inference.png")
+    ap.add_argument("--plot", type=lambda v: Path(v) if v else None,
+                    default=REPO / "bench" / "results" / "inference.png",
+                    help="PNG of the throughput table ('' for none)")
     args = ap.parse_args(argv)
 
     if args.worker:

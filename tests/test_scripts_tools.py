@@ -126,3 +126,45 @@ def test_bench_inference_repeats_short_calls_inside_a_sample(monkeypatch):
     assert times == pytest.approx([0.010] * 3)  # seconds per call, not per sample
     slow = bench.calls_per_sample(lambda: clock.__setitem__("t", clock["t"] + 1.0))
     assert slow == 1
+
+
+def _tiny_model_dir(path: Path, seed: int, mean=(0.5, 0.5, 0.5)) -> Path:
+    from celluscan.models.model_dir import save_model_dir
+    from celluscan.models.registry import create_model
+    from celluscan.taxonomy import CLASSES
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    model = create_model("vit_test", num_classes=len(CLASSES))
+    return save_model_dir(model, path, CLASSES, {"mean": list(mean), "std": [0.25, 0.25, 0.25]})
+
+
+def test_average_weights_writes_the_mean_model_and_refits_the_temperature(tmp_path):
+    import torch
+
+    dataset = make_dataset(tmp_path / "ds")
+    a, b = _tiny_model_dir(tmp_path / "a", 0), _tiny_model_dir(tmp_path / "b", 1)
+    out = tmp_path / "avg"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "average_weights.py"), str(out), str(a), str(b),
+                           "--dataset", str(dataset), "--cache-size", "32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "average of 2 models" in proc.stdout and "fit_ood.py" in proc.stdout
+    (ma, _), (mb, _), (mo, info) = (load_model_dir(p) for p in (a, b, out))
+    sa, sb, so = (m.canonical_state_dict() for m in (ma, mb, mo))
+    for key in so:
+        assert torch.allclose(so[key], (sa[key] + sb[key]) / 2, atol=1e-6), key
+    assert info.metadata["weight_average_of"] == [str(a), str(b)]
+    assert info.metadata["calibration"]["fitted_on"] == "val"
+    assert info.preprocessing["temperature"] == pytest.approx(info.metadata["calibration"]["temperature"])
+
+
+def test_average_weights_refuses_models_with_different_preprocessing(tmp_path):
+    dataset = make_dataset(tmp_path / "ds")
+    a = _tiny_model_dir(tmp_path / "a", 0)
+    b = _tiny_model_dir(tmp_path / "b", 1, mean=(0.4, 0.5, 0.5))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "average_weights.py"), str(tmp_path / "avg"),
+                           str(a), str(b), "--dataset", str(dataset), "--cache-size", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "preprocessing 'mean' differs" in proc.stderr and str(b) in proc.stderr
+    assert not (tmp_path / "avg").exists()
