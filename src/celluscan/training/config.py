@@ -170,6 +170,12 @@ class TrainConfig:
     weights are validated and exported."""
     threads: int = 0
     """torch CPU threads; 0 = all cores (os.cpu_count())."""
+    distill_from: tuple[str, ...] = ()
+    """Teacher model directories (training.distill): each training image's target blends its
+    label with the teachers' mean probability on it. Empty: plain labels."""
+    distill_weight: float = 0.5
+    """The teachers' share of the target when ``distill_from`` is set (0: labels only, 1:
+    teachers only)."""
 
 
 @dataclass
@@ -243,6 +249,8 @@ class Config:
                 problems.append(f"{name} must be >= 0, got {value}")
         if not 0.0 <= self.train.label_smoothing < 1.0:
             problems.append(f"train.label_smoothing must be in [0, 1), got {self.train.label_smoothing}")
+        if not 0.0 <= self.train.distill_weight <= 1.0:
+            problems.append(f"train.distill_weight must be in [0, 1], got {self.train.distill_weight}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             problems.append(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         if self.checkpoint.keep_last < 1:

@@ -51,7 +51,8 @@ from celluscan.training.data_source import SplitTensors, TrainData
 from celluscan.training.device import autocast_dtype, resolve_device, set_cpu_threads
 from celluscan.training.distributed import DistContext, all_reduce_sum, barrier, gather_rows
 from celluscan.training.ema import ModelEMA
-from celluscan.training.mixup import BatchMixer, soft_cross_entropy
+from celluscan.training.distill import blend_targets
+from celluscan.training.mixup import BatchMixer, soft_cross_entropy, soft_targets
 from celluscan.training.sampling import epoch_plan, rank_batches, step_seed
 from celluscan.training.schedule import LRSchedule
 
@@ -151,6 +152,14 @@ class Trainer:
         t = cfg.train
         self.mixer = BatchMixer(len(self.class_names), t.mixup_alpha, t.cutmix_alpha, t.mix_prob, t.label_smoothing)
 
+        self.teacher_probs: torch.Tensor | None = None
+        if t.distill_from:
+            from celluscan.training.distill import teacher_probabilities
+
+            self.teacher_probs = teacher_probabilities(
+                t.distill_from, data.train.images, self.class_names, data.canonical,
+                batch_size=cfg.eval.batch_size, device=self.device, amp_dtype=self.amp_dtype,
+                log=self.log).to(self.device)
         if self.device.type == "cuda":  # the whole uint8 cache fits on the GPU: no host copies per step
             self.data.train = self.data.train.to(self.device)
         self.labels_np = data.train.labels.cpu().numpy()
@@ -288,9 +297,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor) -> tuple[float, int]:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor,
+                    teacher: torch.Tensor | None = None) -> tuple[float, int]:
         x = self.augment(images, flags)
-        x, targets = self.mixer(x, labels)
+        targets = None
+        if teacher is not None:
+            targets = blend_targets(soft_targets(labels, len(self.class_names), self.cfg.train.label_smoothing),
+                                    teacher, self.cfg.train.distill_weight)
+        x, targets = self.mixer(x, labels, targets)
         lr = self.schedule(self.global_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -331,7 +345,9 @@ class Trainer:
                 sel = torch.from_numpy(idx).to(images.device)
                 x = images.index_select(0, sel).to(self.device, non_blocking=True)
                 y = labels.index_select(0, sel).to(self.device, non_blocking=True)
-                loss_sum, correct = self._train_step(x, y, torch.from_numpy(fl).to(self.device))
+                teacher = None if self.teacher_probs is None else self.teacher_probs.index_select(
+                    0, sel.to(self.teacher_probs.device))
+                loss_sum, correct = self._train_step(x, y, torch.from_numpy(fl).to(self.device), teacher)
                 local[0] += loss_sum
                 local[1] += correct
                 local[2] += len(idx)
