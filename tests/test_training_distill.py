@@ -5,29 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_training_support import make_dataset, tiny_config
+from test_training_engine import data, dataset  # noqa: F401  (the tiny dataset fixtures)
+from test_training_support import tiny_config
 
 from celluscan.models import load_model_dir
 from celluscan.models.model_dir import save_model_dir
 from celluscan.models.registry import create_model
 from celluscan.taxonomy import CLASSES
 from celluscan.training.config import ConfigError, config_from_dict
-from celluscan.training.data_source import load_train_data
 from celluscan.training.distill import blend_targets, teacher_probabilities
 from celluscan.training.engine import Trainer
 from celluscan.training.mixup import BatchMixer, soft_targets
 
 CANONICAL = {"framing": "nucleus", "colour": "none", "framing_scale": 3.0}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("distill") / "ds")
-
-
-@pytest.fixture(scope="module")
-def data(dataset):
-    return load_train_data(dataset, 32, workers=1)
 
 
 def _teacher(path, seed: int, temperature: float = 1.0, canonical=None, image_size: int = 32):
