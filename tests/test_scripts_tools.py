@@ -168,3 +168,57 @@ def test_average_weights_refuses_models_with_different_preprocessing(tmp_path):
     assert proc.returncode != 0
     assert "preprocessing 'mean' differs" in proc.stderr and str(b) in proc.stderr
     assert not (tmp_path / "avg").exists()
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _probs(top: str, p: float) -> list[float]:
+    from celluscan.taxonomy import CLASSES
+
+    rest = (1.0 - p) / (len(CLASSES) - 1)
+    return [p if c == top else rest for c in CLASSES]
+
+
+def test_average_predictions_scores_the_mean_of_saved_predictions(tmp_path):
+    from celluscan.taxonomy import CLASSES
+
+    test_header = ["path", "label"] + [f"p_{c}" for c in CLASSES]
+    # image x: model A says basophil (right) at 0.9, model B monocyte at 0.6 -> average keeps basophil;
+    # image y: A says lymphocyte (wrong) at 0.5, B monocyte (right) at 0.9 -> average monocyte
+    a = _write_csv(tmp_path / "a.csv", test_header, [["x", "basophil", *_probs("basophil", 0.9)],
+                                                     ["y", "monocyte", *_probs("lymphocyte", 0.5)]])
+    b = _write_csv(tmp_path / "b.csv", test_header, [["y", "monocyte", *_probs("monocyte", 0.9)],
+                                                     ["x", "basophil", *_probs("monocyte", 0.6)]])
+    root = tmp_path / "ext"
+    for label, name in (("neutrophil", "labA_1.jpg"), ("lymphocyte", "labA_2.jpg")):
+        (root / label).mkdir(parents=True)
+        (root / label / name).write_bytes(b"x")
+    ext_header = ["path"] + list(CLASSES) + ["unfamiliar"]
+    n, l = str(root / "neutrophil" / "labA_1.jpg"), str(root / "lymphocyte" / "labA_2.jpg")
+    ea = _write_csv(tmp_path / "ea.csv", ext_header, [[n, *_probs("myeloblast", 0.6), "false"],
+                                                      [l, *_probs("lymphocyte", 0.8), "false"]])
+    eb = _write_csv(tmp_path / "eb.csv", ext_header, [[n, *_probs("segmented_neutrophil", 0.9), "true"],
+                                                      [l, *_probs("lymphocyte", 0.7), "false"]])
+    script = str(REPO / "scripts" / "average_predictions.py")
+    proc = subprocess.run([sys.executable, script, "--test", str(a), str(b), "--external", str(ea), str(eb),
+                           "--external-root", str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "test (2 images, 2 model(s)): accuracy 1.0000" in proc.stdout
+    assert "external all (2 images): balanced coarse recall 1.000, false alarms 0.000, " \
+           "flagged unfamiliar by any model 0.500" in proc.stdout
+    alone = subprocess.run([sys.executable, script, "--test", str(a), "--external", str(ea), "--external-root",
+                            str(root)], capture_output=True, text=True, timeout=120)
+    assert "accuracy 0.5000" in alone.stdout
+    assert "balanced coarse recall 0.500, false alarms 0.500" in alone.stdout
+    other = _write_csv(tmp_path / "c.csv", test_header, [["z", "basophil", *_probs("basophil", 0.9)]])
+    bad = subprocess.run([sys.executable, script, "--test", str(a), str(other)], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "holds other images" in bad.stderr
