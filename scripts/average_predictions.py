@@ -24,7 +24,8 @@ import numpy as np
 
 
 def read_probabilities(path: Path, prefix: str) -> dict[str, dict]:
-    """path -> {"probs": {class: p}, "label": ..., "unfamiliar": bool} from one CSV."""
+    """path -> {"probs": (C,) array in canonical class order, "label": ..., "unfamiliar": bool}
+    from one CSV; rows with an error are left out."""
     from celluscan.taxonomy import CLASSES
 
     with open(path, newline="") as f:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from celluscan.evaluation.calibration import fit_temperature
     from celluscan.models import load_model_dir
     from celluscan.models.model_dir import save_model_dir, update_model_dir
-    from celluscan.training.data_source import load_train_data
+    from celluscan.training.data_source import load_train_data, run_on_cache
 
     loaded = [load_model_dir(m) for m in args.models]
     infos = [info for _, info in loaded]
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_train_data(args.dataset, args.cache_size, canonical=prep.get("canonical"))
     normalise = EvalPreprocess(prep["image_size"], prep["mean"], prep["std"])
     model.set_fused_attn(False)
-    with torch.no_grad():
-        logits = torch.cat([model(normalise(data.val.images[i:i + 256])).float()
-                            for i in range(0, len(data.val), 256)])
+    logits = run_on_cache(model, normalise, data.val.images)
     accuracy = float((logits.argmax(1) == data.val.labels).float().mean())
     temperature = fit_temperature(logits, data.val.labels)
     update_model_dir(args.out, preprocessing={"temperature": temperature},

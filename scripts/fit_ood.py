@@ -27,7 +27,7 @@ def main() -> int:
     from celluscan.data.batch_augment import EvalPreprocess
     from celluscan.evaluation.ood import OOD_VAL_FLAG_RATE, fit_detector, save_ood
     from celluscan.models import load_model_dir
-    from celluscan.training.data_source import load_train_data
+    from celluscan.training.data_source import load_train_data, run_on_cache
 
     model, info = load_model_dir(args.model_dir)
     prep = info.preprocessing
@@ -35,13 +35,8 @@ def main() -> int:
     pre = EvalPreprocess(prep["image_size"], prep["mean"], prep["std"])
     model.set_fused_attn(False)
 
-    @torch.no_grad()
     def features(split):
-        out = []
-        for i in range(0, len(split), 256):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out.append(model.forward_features(pre(split.images[i:i + 256])).float())
-        return torch.cat(out)
+        return run_on_cache(model.forward_features, pre, split.images, amp_dtype=torch.bfloat16)
 
     stats = fit_detector(features(data.train), data.train.labels, features(data.val), len(info.class_names))
     save_ood(args.model_dir, stats, {"fitted_on": "train", "threshold_from": "val",

@@ -86,13 +86,19 @@ def test_trainer_distils_from_teachers(dataset, data, tmp_path):
                                      amp_dtype=trainer.amp_dtype)  # as the trainer ran them
     assert torch.allclose(trainer.teacher_probs, expected)
     seen = []
-    mix = trainer.mixer.__call__
 
-    def spy(images, labels, targets=None):
-        seen.append((labels.clone(), targets))
-        return mix(images, labels, targets)
+    class SpyMixer:  # records the targets each step hands to the mixer
+        def __init__(self, mixer):
+            self.mixer = mixer
 
-    trainer.mixer = spy
+        def label_targets(self, labels):
+            return self.mixer.label_targets(labels)
+
+        def __call__(self, images, labels, targets=None):
+            seen.append((labels.clone(), targets))
+            return self.mixer(images, labels, targets)
+
+    trainer.mixer = SpyMixer(trainer.mixer)
     trainer.fit()
     assert seen and all(t is not None for _, t in seen)
     # weight 1.0 and no mixing: each target row is the teacher's answer for one training image

@@ -16,7 +16,7 @@ import torch
 
 from celluscan.taxonomy import CLASSES
 
-__all__ = ["SplitTensors", "TrainData", "load_train_data", "channel_stats"]
+__all__ = ["SplitTensors", "TrainData", "load_train_data", "channel_stats", "run_on_cache"]
 
 
 @dataclass
@@ -72,6 +72,25 @@ def channel_stats(images: torch.Tensor, chunk: int = 512, colour: str = "none") 
                               int(x.shape[0] * x.shape[2] * x.shape[3])))
     mean, std = combine(sums)
     return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
+
+
+@torch.no_grad()
+def run_on_cache(forward, normalise, images: torch.Tensor, batch_size: int = 256,
+                 device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``forward(normalise(batch))`` over cached uint8 images (N, 3, S, S) in batches of
+    ``batch_size`` on ``device`` (under autocast to ``amp_dtype`` when given): float32 (N, ...) on
+    the CPU. For a model directory's logits or features outside the trainer (distillation
+    teachers, scripts)."""
+    kind = torch.device(device).type
+    outs = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalise(images[start:start + batch_size].to(device))
+        if amp_dtype is None:
+            outs.append(forward(x).float().cpu())
+        else:
+            with torch.autocast(kind, dtype=amp_dtype):
+                outs.append(forward(x).float().cpu())
+    return torch.cat(outs)
 
 
 def _split(cache, mask: torch.Tensor) -> SplitTensors:

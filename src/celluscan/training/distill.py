@@ -36,7 +36,6 @@ def _check_teacher(info, class_names: Sequence[str], canonical: Mapping[str, Any
                          f"training cache is built with {canonical!r}; a teacher must see what it was trained on")
 
 
-@torch.no_grad()
 def teacher_probabilities(teacher_dirs: Sequence[str | Path], images: torch.Tensor, class_names: Sequence[str],
                           canonical: Mapping[str, Any] | None, batch_size: int = 256,
                           device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
@@ -45,6 +44,7 @@ def teacher_probabilities(teacher_dirs: Sequence[str | Path], images: torch.Tens
     the training cache), each teacher's logits divided by its calibration temperature."""
     from celluscan.data.batch_augment import EvalPreprocess
     from celluscan.models import load_model_dir
+    from celluscan.training.data_source import run_on_cache
 
     if not teacher_dirs:
         raise ValueError("no teacher model directories given")
@@ -56,14 +56,8 @@ def teacher_probabilities(teacher_dirs: Sequence[str | Path], images: torch.Tens
         normalise = EvalPreprocess(int(prep["image_size"]), prep["mean"], prep["std"]).to(device)
         model.set_attention_path_for(amp_dtype or torch.float32, torch.device(device))
         temperature = float(prep.get("temperature", 1.0))
-        for start in range(0, images.shape[0], batch_size):
-            x = normalise(images[start:start + batch_size].to(device))
-            if amp_dtype is not None:
-                with torch.autocast(torch.device(device).type, dtype=amp_dtype):
-                    logits = model(x)
-            else:
-                logits = model(x)
-            total[start:start + batch_size] += torch.softmax(logits.float().cpu() / temperature, dim=1)
+        logits = run_on_cache(model, normalise, images, batch_size, device, amp_dtype)
+        total += torch.softmax(logits / temperature, dim=1)
         log(f"distillation: teacher {path} (temperature {temperature:.3f}) scored {images.shape[0]} training images")
     return total / len(teacher_dirs)
 

@@ -52,7 +52,7 @@ from celluscan.training.device import autocast_dtype, resolve_device, set_cpu_th
 from celluscan.training.distributed import DistContext, all_reduce_sum, barrier, gather_rows
 from celluscan.training.ema import ModelEMA
 from celluscan.training.distill import blend_targets
-from celluscan.training.mixup import BatchMixer, soft_cross_entropy, soft_targets
+from celluscan.training.mixup import BatchMixer, soft_cross_entropy
 from celluscan.training.sampling import epoch_plan, rank_batches, step_seed
 from celluscan.training.schedule import LRSchedule
 
@@ -302,8 +302,7 @@ class Trainer:
         x = self.augment(images, flags)
         targets = None
         if teacher is not None:
-            targets = blend_targets(soft_targets(labels, len(self.class_names), self.cfg.train.label_smoothing),
-                                    teacher, self.cfg.train.distill_weight)
+            targets = blend_targets(self.mixer.label_targets(labels), teacher, self.cfg.train.distill_weight)
         x, targets = self.mixer(x, labels, targets)
         lr = self.schedule(self.global_step)
         for group in self.optimizer.param_groups:

@@ -38,12 +38,16 @@ class BatchMixer:
     def enabled(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
+    def label_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The (B, C) targets of ``labels`` before mixing (label smoothing applied)."""
+        return soft_targets(labels, self.num_classes, self.label_smoothing)
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,3,H,W) float images, (B,) labels -> mixed images and (B, C) soft targets.
         ``targets`` (B, C): distributions to mix instead of the labels' (distillation)."""
         if targets is None:
-            targets = soft_targets(labels, self.num_classes, self.label_smoothing)
+            targets = self.label_targets(labels)
         if not self.enabled or float(torch.rand(())) >= self.prob:
             return images, targets
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or float(torch.rand(())) < 0.5)
