@@ -103,3 +103,29 @@ def test_export_and_predict_commands(exported, tmp_path, capsys):
     assert main(["export", str(model_dir), str(tmp_path / "wrong.txt")]) == 1
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_each_exporter_writes_a_graph_that_matches_pytorch(exporter, tmp_path):
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    model_dir = make_model_dir(tmp_path / "model")
+    report = export_onnx(model_dir, tmp_path / "m.onnx", exporter=exporter)
+    assert report.exporter == exporter and report.max_abs_diff <= 1e-3
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):  # the batch axis is dynamic whichever exporter wrote it
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        logits, _ = session.run(None, {"images": x.numpy()})
+        np.testing.assert_allclose(logits, torch_logits(model_dir, x).numpy(), atol=1e-3)
+
+
+def test_an_unknown_or_unavailable_exporter_is_a_clear_error(tmp_path, monkeypatch):
+    model_dir = make_model_dir(tmp_path / "model")
+    with pytest.raises(ValueError, match="unknown ONNX exporter 'jit'"):
+        export_onnx(model_dir, tmp_path / "m.onnx", exporter="jit")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
+    with pytest.raises(ValueError, match="needs the onnxscript package"):
+        export_onnx(model_dir, tmp_path / "m.onnx", exporter="dynamo")
+    assert export_onnx(model_dir, tmp_path / "m.onnx").exporter == "torchscript"  # auto falls back

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write an int8 dynamically quantised graph (weights int8, activations "
                              "quantised on the fly) and report its top-1 agreement with fp32")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
+    parser.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
+                        help="torch.onnx exporter: torchscript (tracing), dynamo (needs onnxscript), "
+                             "auto (dynamo when onnxscript is installed, default)")
     parser.add_argument("--check-images", metavar="DIR", default=None,
                         help=f"folder of images to verify the graph on (up to {MAX_CHECK_IMAGES}; "
                              "default: synthetic images)")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"celluscan export: error: no images found in {args.check_images}", file=sys.stderr)
         return 1
     try:
-        report = export_onnx(args.model_dir, out, int8=args.int8, opset=args.opset, check_images=check)
+        report = export_onnx(args.model_dir, out, int8=args.int8, opset=args.opset, check_images=check,
+                             exporter=args.exporter)
     except (ExportError, OSError, ValueError, RuntimeError) as e:
         print(f"celluscan export: error: {e}", file=sys.stderr)
         return 1
