@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "metrics.json": f"metrics_{args.stage}.json"}, card)
     copy_renamed(args.run_dir / "plots", {"loss.png": f"loss_{args.stage}.png"}, card)
     metrics = json.loads((card / "test_metrics.json").read_text())
-    print(f"shipped {run_model} -> {ASSETS}; test metrics: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))[:400])
+    print(f"shipped {run_model} -> {ASSETS}; test accuracy {metrics['accuracy']:.4f}, "
+          f"macro-F1 {metrics['macro_f1']:.4f}, group accuracy {metrics['group']['accuracy']:.4f}, "
+          f"ECE {metrics['ece']:.4f}; other labs: {ASSETS / 'card' / 'robustness.md'}")
     return 0
 
 

@@ -111,9 +111,8 @@ def resolve_exporter(exporter: str) -> str:
     return exporter
 
 
-def _export_graph(model: nn.Module, image_size: int, out: Path, opset: int, exporter: str = "auto") -> str:
-    """torch.onnx.export with a dynamic batch axis. Returns the exporter's name."""
-    exporter = resolve_exporter(exporter)
+def _export_graph(model: nn.Module, image_size: int, out: Path, opset: int, exporter: str) -> None:
+    """torch.onnx.export with a dynamic batch axis, by ``exporter`` (already resolved)."""
     wrapper = LogitsAndFeatures(model).eval()
     dummy = torch.zeros(2, 3, image_size, image_size)
     names = dict(input_names=["images"], output_names=["logits", "features"])
@@ -124,11 +123,10 @@ def _export_graph(model: nn.Module, image_size: int, out: Path, opset: int, expo
             # dynamic_shapes follows forward's positional arguments, not the ONNX input names
             torch.onnx.export(wrapper, (dummy,), str(out), opset_version=opset, dynamo=True,
                               dynamic_shapes=({0: batch},), external_data=False, **names)
-            return exporter
-        axes = {"images": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}
-        torch.onnx.export(wrapper, (dummy,), str(out), opset_version=opset, dynamo=False,
-                          dynamic_axes=axes, do_constant_folding=True, **names)
-        return exporter
+        else:
+            axes = {"images": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}
+            torch.onnx.export(wrapper, (dummy,), str(out), opset_version=opset, dynamo=False,
+                              dynamic_axes=axes, do_constant_folding=True, **names)
 
 
 def _set_metadata(model_proto, entries: dict[str, str]) -> None:
@@ -207,7 +205,7 @@ def export_onnx(
 
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
-    resolve_exporter(exporter)  # a bad choice fails before the model is loaded
+    exporter = resolve_exporter(exporter)  # a bad choice fails before the model is loaded
     model, info = load_model_dir(model_dir)
     model.set_fused_attn(False)  # plain MatMul/Softmax: exports cleanly everywhere
     out = Path(out_path)
@@ -218,7 +216,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix="celluscan-export-") as tmp:
         fp32_path = Path(tmp) / "model.onnx"
         try:
-            exporter = _export_graph(model, size, fp32_path, opset, exporter)
+            _export_graph(model, size, fp32_path, opset, exporter)
         except Exception as e:
             raise ExportError(f"{model_dir}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
         proto = onnx.load(str(fp32_path))
